@@ -1,0 +1,1 @@
+"""Adapters for real checkpoints: SmolLM2 from a registry package (more to come: GLM-4-Voice, Step-Audio-2)."""
