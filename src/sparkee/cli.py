@@ -188,6 +188,170 @@ def generate(
     print_stats(res.stats)
 
 
+def decoding_config(
+    model: Path, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens: int, bb=None, **kw
+):
+    """The model's own defaults (sparkee_refslm.json), overridden by whatever the command line gives."""
+    from dataclasses import replace
+
+    from .presets import default_config
+    from .schedule import parse_interleave, parse_pair
+
+    cfg = default_config(model, fmt=fmt or "padded", max_new_tokens=max_new_tokens, **kw)
+    if interleave:
+        end = (
+            text_end_id
+            if text_end_id is not None
+            else (cfg.interleave.text_end_id if cfg.interleave else None)
+        )
+        cfg = replace(cfg, interleave=parse_interleave(interleave, fmt or "padded", end))
+    elif text_end_id is not None and cfg.interleave is not None:
+        cfg = replace(cfg, interleave=replace(cfg.interleave, text_end_id=text_end_id))
+    elif cfg.interleave is None and (fmt not in (None, "padded") or text_end_id is not None):
+        raise SparkeeError("--format and --text-end-id need --interleave T:S")
+    if speech_ids:
+        cfg = replace(cfg, speech_ids=parse_pair(speech_ids, "--speech-ids"))
+    if stop_ids is not None:
+        cfg = replace(cfg, stop_ids=parse_ids(stop_ids, "--stop-ids"))
+    elif not cfg.stop_ids and bb is not None:
+        cfg = replace(cfg, stop_ids=default_stop_ids(bb))
+    return cfg
+
+
+@app.command("train-heads")
+@friendly
+def train_heads(
+    model: Path = typer.Option(..., "--model", help="Checkpoint directory of the frozen backbone."),
+    data: str = typer.Option(..., "--data", help="JSONL of prompts, a datasets directory, or refslm:train."),
+    layers: str = typer.Option("all", "--layers", help="'all', a list like 12,14,16, or a range like 4:12."),
+    head: str = typer.Option("tuned-lens", "--head", help="tuned-lens | full"),
+    token_set: str = typer.Option(
+        "all", "--token-set", help="all | speech (speech ids plus control tokens)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Heads file to write (.safetensors); metrics go beside it."),
+    steps: int = typer.Option(400, "--steps", help="Optimizer steps."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Rows (generated steps) per batch."),
+    lr: float = typer.Option(2e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    val_fraction: float = typer.Option(
+        0.1, "--val-fraction", help="Share of prompts held out for validation."
+    ),
+    limit: int = typer.Option(None, "--limit", help="Use the first N prompts only."),
+    max_new_tokens: int = typer.Option(
+        200, "--max-new-tokens", help="Length of each pseudo-label generation."
+    ),
+    interleave: str = typer.Option(
+        None, "--interleave", help="T:S (default: the model's own, if it has one)."
+    ),
+    fmt: str = typer.Option(None, "--format", help="padded | early-stop"),
+    text_end_id: int = typer.Option(None, "--text-end-id"),
+    speech_ids: str = typer.Option(None, "--speech-ids", help="START:END"),
+    stop_ids: str = typer.Option(None, "--stop-ids"),
+    work_dir: Path = typer.Option(None, "--work-dir", help="Resume files (default: OUT with .work)."),
+    stop_after: int = typer.Option(
+        None, "--stop-after", help="Train at most N steps now, checkpoint, exit; rerun to go on."
+    ),
+    dtype: str = typer.Option("float32", "--dtype"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Distil exit heads from the frozen model (resumable; runs under `accelerate launch` too)."""
+    from .backbone import load_model
+    from .generate import speech_token_set
+    from .heads import HEAD_KINDS
+    from .presets import for_item
+    from .sources import load_prompts
+    from .train_heads import parse_layers, run_training
+
+    if head not in HEAD_KINDS or head == "logit-lens":
+        raise SparkeeError(
+            f"--head must be tuned-lens or full, got '{head}' (a logit lens needs no training)"
+        )
+    if token_set not in ("all", "speech"):
+        raise SparkeeError(f"--token-set must be all or speech, got '{token_set}'")
+    if out.suffix != ".safetensors":
+        raise SparkeeError(f"--out must end in .safetensors, got '{out}'")
+    bb = load_model(model, dtype=dtype, device=device)
+    layer_list = parse_layers(layers, bb.num_layers)
+    cfg = decoding_config(model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb)
+    prompts = load_prompts(data, model, limit)
+    ids = speech_token_set(cfg, bb.vocab_size) if token_set == "speech" else None
+    metrics = run_training(
+        bb,
+        prompts,
+        cfg,
+        layer_list,
+        head,
+        ids,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        val_fraction=val_fraction,
+        work_dir=work_dir,
+        source_name=data,
+        cfg_for=lambda item: for_item(cfg, item),
+        stop_after=stop_after,
+    )
+    if not metrics:
+        typer.echo(f"stopped after --stop-after {stop_after} steps; rerun the same command to continue")
+    else:
+        print_head_metrics(metrics)
+        typer.echo(f"wrote {out} and {out.with_name(out.stem + '.metrics.json')}")
+
+
+def print_head_metrics(metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(
+        "layer",
+        "heads KL",
+        "heads agree %",
+        "logit-lens KL",
+        "logit-lens agree %",
+        title=f"validation ({metrics['val_rows']} rows)",
+    )
+    for k, h in metrics["heads"].items():
+        ll = metrics["logit_lens"][k]
+        f = lambda x, pct=False: "-" if x is None else (f"{100 * x:.1f}" if pct else f"{x:.3f}")  # noqa: E731
+        t.add_row(k, f(h["kl_all"]), f(h["agree_all"], True), f(ll["kl_all"]), f(ll["agree_all"], True))
+    Console().print(t)
+
+
+@app.command("layer-report")
+@friendly
+def layer_report(
+    model: Path = typer.Option(..., "--model"),
+    heads: str = typer.Option("logit-lens", "--heads", help="Heads file or 'logit-lens'."),
+    data: str = typer.Option(..., "--data", help="JSONL of prompts, a datasets directory, or refslm:test."),
+    out: Path = typer.Option(Path("layer-report"), "--out", help="Output directory (JSON, Markdown, PNG)."),
+    limit: int = typer.Option(None, "--limit", help="Use the first N prompts only."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
+    interleave: str = typer.Option(None, "--interleave"),
+    fmt: str = typer.Option(None, "--format"),
+    text_end_id: int = typer.Option(None, "--text-end-id"),
+    speech_ids: str = typer.Option(None, "--speech-ids"),
+    stop_ids: str = typer.Option(None, "--stop-ids"),
+    dtype: str = typer.Option("float32", "--dtype"),
+) -> None:
+    """Per-layer agreement with the last layer and KL, text and speech steps apart (the paper's Table 1)."""
+    from .analysis import run_report
+    from .backbone import load_model
+    from .heads import resolve_heads
+    from .presets import for_item, model_defaults
+    from .sources import load_prompts
+
+    bb = load_model(model, dtype=dtype)
+    exit_heads = resolve_heads(heads, bb)
+    cfg = decoding_config(model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb)
+    prompts = load_prompts(data, model, limit)
+    is_ref = data.startswith("refslm:") and model_defaults(model) is not None
+    run_report(bb, exit_heads, prompts, lambda item: for_item(cfg, item), out, is_refslm=is_ref)
+    typer.echo((out / "layer_report.md").read_text())
+    typer.echo(f"wrote {out}/layer_report.json, layer_report.md, layer_report.png")
+
+
 def default_stop_ids(bb) -> list[int]:
     eos = getattr(getattr(bb.model, "generation_config", None), "eos_token_id", None)
     if eos is None:
