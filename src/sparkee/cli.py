@@ -352,6 +352,191 @@ def layer_report(
     typer.echo(f"wrote {out}/layer_report.json, layer_report.md, layer_report.png")
 
 
+def _measure_notes(model: Path) -> str:
+    return (
+        f"Model: {model}. Speed-ups are wall-clock ratios against the full row, measured in this run "
+        "(examples round-robin over rows). Results on the bundled reference model say nothing about GLM-4-Voice "
+        "or Step-Audio-2."
+    )
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    model: Path = typer.Option(..., "--model"),
+    heads: str = typer.Option("logit-lens", "--heads", help="Heads file or 'logit-lens'."),
+    data: str = typer.Option(
+        ..., "--data", help="JSONL of prompts (with 'accepted' answers), a datasets dir, or refslm:test."
+    ),
+    policies: str = typer.Option(
+        None,
+        "--policies",
+        help="Comma-separated rows, each SPEECH or TEXT|SPEECH; 'full' is always added. "
+        "Default: full, fixed, confidence (0.5 nats), spar-k even/odd/triple at 3/4 of the depth.",
+    ),
+    text_policy: str = typer.Option(
+        "full", "--text-policy", help="Text policy for rows that give only SPEECH."
+    ),
+    sweep: str = typer.Option(
+        None, "--sweep-exit-layers", help="A:B: repeat every layer-taking policy at layers A..B-1."
+    ),
+    verify: bool = typer.Option(False, "--verify", help="Verified (lossless) mode for every row."),
+    out: Path = typer.Option(Path("sparkee-eval"), "--out"),
+    limit: int = typer.Option(None, "--limit", help="First N examples only."),
+    vocoder: str = typer.Option(
+        "auto", "--vocoder", help="refslm-espeak | module:attr | none (auto: espeak for the reference SLM)."
+    ),
+    transcriber: str = typer.Option(
+        None, "--transcriber", help="Token-level transcriber: refslm-lexicon | module:attr."
+    ),
+    asr: str = typer.Option(None, "--asr", help="Waveform ASR: pocketsphinx | module:attr."),
+    mos: str = typer.Option(None, "--mos", help="dnsmos | module:attr."),
+    judge: str = typer.Option("contains", "--judge", help="contains | module:attr (or give --judge-url)."),
+    judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint for an LLM judge."),
+    judge_model: str = typer.Option("judge", "--judge-model"),
+    audio_examples: int = typer.Option(
+        3, "--audio-examples", help="Keep WAVs (and report players) for the first N examples."
+    ),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore results already in --out instead of resuming."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
+    interleave: str = typer.Option(None, "--interleave"),
+    fmt: str = typer.Option(
+        None, "--format", help="padded | early-stop (the reference SLM: which format to ask for)."
+    ),
+    text_end_id: int = typer.Option(None, "--text-end-id"),
+    speech_ids: str = typer.Option(None, "--speech-ids"),
+    stop_ids: str = typer.Option(None, "--stop-ids"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Decode every example under every policy and write Table 2 (MD/CSV/JSON), plots and report.html."""
+    from .backbone import load_model
+    from .eval import plugins
+    from .eval.harness import EvalRun, parse_rows, run_eval, summarize
+    from .eval.measures import generic_measures, refslm_measures
+    from .eval.report import markdown_table, write_report
+    from .heads import resolve_heads
+    from .presets import for_item, model_defaults
+    from .sources import load_prompts
+
+    bb = load_model(model, dtype=dtype, device=device)
+    if policies is None:
+        L = max(1, round(0.75 * bb.num_layers))
+        policies = f"full,fixed:{L},confidence:{L}:0.5,spar-k:even:{L},spar-k:odd:{L},spar-k:triple:{L}"
+    rows = parse_rows(policies, text_policy, sweep, bb.num_layers)
+    exit_heads = resolve_heads(heads, bb)
+    cfg = decoding_config(model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb)
+    prompts = load_prompts(data, model, limit)
+    if fmt and model_defaults(model) is not None:  # the reference SLM: ask for one format only
+        prompts = [p for p in prompts if p.meta.get("format", fmt) == fmt]
+    the_judge = plugins.HttpJudge(judge_url, judge_model) if judge_url else plugins.resolve("judge", judge)
+    if model_defaults(model) is not None:
+        measures = refslm_measures(vocoder=vocoder, asr=asr, mos=mos, judge=the_judge)
+    else:
+        measures = generic_measures(
+            model,
+            cfg.speech_ids,
+            cfg.stop_ids,
+            None if vocoder == "auto" else vocoder,
+            transcriber,
+            asr,
+            mos,
+            the_judge,
+        )
+    if fresh and (out / "results.jsonl").exists():
+        (out / "results.jsonl").unlink()
+    run = EvalRun(
+        bb, exit_heads, prompts, lambda item: for_item(cfg, item), rows, measures, out, audio_examples, verify
+    )
+    records = run_eval(run)
+    summary = summarize(records, rows, bb.num_layers)
+    write_report(summary, records, out, bb.num_layers, f"sparkee eval: {model.name}", _measure_notes(model))
+    typer.echo(markdown_table(summary))
+    typer.echo(f"wrote {out}/table.md, table.csv, summary.json, results.jsonl, report.html and plots")
+
+
+@app.command()
+@friendly
+def demo(
+    limit: int = typer.Option(40, "--limit", help="Number of test questions."),
+    out: Path = typer.Option(Path("sparkee-demo"), "--out"),
+    model: Path = typer.Option(
+        None, "--model", help="A reference-SLM checkpoint directory (default: the bundled one)."
+    ),
+    exit_layer: int = typer.Option(
+        None, "--exit-layer", help="Exit layer L for every early-exit policy (default: the bundled choice)."
+    ),
+    threshold: float = typer.Option(0.5, "--threshold", help="Entropy threshold (nats) of confidence exit."),
+    heads: str = typer.Option("bundled", "--heads", help="bundled | logit-lens | a heads file."),
+    fmt: str = typer.Option("padded", "--format", help="padded | early-stop"),
+    audio_examples: int = typer.Option(
+        3, "--audio-examples", help="WAV files for the first N answers per policy."
+    ),
+) -> None:
+    """Answer the bundled reference SLM's test questions under each policy; print the paper's Table 2."""
+    from .backbone import load_model
+    from .eval.harness import EvalRun, Row, run_eval, summarize
+    from .eval.measures import refslm_measures
+    from .eval.report import markdown_table, write_report
+    from .heads import resolve_heads
+    from .presets import bundled_heads, default_config, for_item, refslm_prompts
+    from .refslm import bundled_model_dir
+
+    model = model or bundled_model_dir()
+    if not (model / "config.json").is_file():
+        raise SparkeeError(
+            f"the bundled reference model is missing from {model}; train it with `sparkee refslm train --install`"
+        )
+    if fmt not in ("padded", "early-stop"):
+        raise SparkeeError(f"unknown format '{fmt}': use padded or early-stop")
+    bb = load_model(model)
+    if heads == "bundled":
+        path = bundled_heads() if model == bundled_model_dir() else None
+        exit_heads = resolve_heads(str(path) if path else "logit-lens", bb)
+    else:
+        exit_heads = resolve_heads(heads, bb)
+    L = exit_layer or DEMO_EXIT_LAYER
+    rows = [Row("full", s) for s in ("full", f"fixed:{L}", f"confidence:{L}:{threshold}")]
+    rows += [Row("full", f"spar-k:{p}:{L}") for p in ("even", "odd", "triple")]
+    for r in rows:
+        parse_policy_checked(r.speech, bb.num_layers)
+    cfg = default_config(model, fmt=fmt, max_new_tokens=200)
+    prompts = [p for p in refslm_prompts("test", formats=(fmt,))][:limit]
+    if not prompts:
+        raise SparkeeError("--limit must be at least 1")
+    if (out / "results.jsonl").exists():  # a demo measures speed in one run: start afresh
+        (out / "results.jsonl").unlink()
+    typer.echo(
+        f"reference SLM: {bb.num_layers} layers, heads: {exit_heads.kind}, {len(prompts)} test questions, format {fmt}"
+    )
+    run = EvalRun(
+        bb,
+        exit_heads,
+        prompts,
+        lambda item: for_item(cfg, item),
+        rows,
+        refslm_measures(),
+        out,
+        audio_examples,
+    )
+    records = run_eval(run)
+    summary = summarize(records, rows, bb.num_layers)
+    write_report(
+        summary, records, out, bb.num_layers, "sparkee demo: bundled reference SLM", _measure_notes(model)
+    )
+    typer.echo(markdown_table(summary))
+    typer.echo(f"wrote {out}/summary.json, table.md, report.html and WAVs under {out}/audio")
+
+
+DEMO_EXIT_LAYER = 12
+
+
+def parse_policy_checked(spec: str, num_layers: int) -> None:
+    from .schedule import parse_policy
+
+    parse_policy(spec, num_layers)
+
+
 def default_stop_ids(bb) -> list[int]:
     eos = getattr(getattr(bb.model, "generation_config", None), "eos_token_id", None)
     if eos is None:

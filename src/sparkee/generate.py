@@ -368,12 +368,18 @@ def _flush(st: _State) -> bool:
 
 
 def _validate(bb: Backbone, heads: ExitHeads, prompt: Sequence[int], cfg: GenerationConfig):
-    N, V = bb.num_layers, bb.vocab_size
+    V = bb.vocab_size
     if len(prompt) == 0:
         raise SparkeeError("the prompt is empty: give at least one token")
     bad = [t for t in prompt if not 0 <= int(t) < V]
     if bad:
         raise SparkeeError(f"prompt token id {bad[0]} is outside the vocabulary (0..{V - 1})")
+    return check_config(bb, heads, cfg)
+
+
+def check_config(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig):
+    """Check a configuration against a model and heads; returns (speech policy, text policy, speech set)."""
+    N, V = bb.num_layers, bb.vocab_size
     if cfg.max_new_tokens < 1:
         raise SparkeeError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:

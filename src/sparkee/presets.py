@@ -77,3 +77,14 @@ def refslm_prompts(split: str, formats: tuple[str, ...] = ("padded", "early-stop
             }
             items.append(PromptItem(build_prompt(ex, vocab, fmt), meta))
     return items
+
+
+BUNDLED_HEADS = "tuned-lens-speech.safetensors"
+
+
+def bundled_heads() -> Path | None:
+    """The exit heads shipped with the reference SLM (made by `sparkee train-heads`), if present."""
+    from .refslm import ASSET_DIR
+
+    p = ASSET_DIR / "heads" / BUNDLED_HEADS
+    return p if p.is_file() else None

@@ -1,0 +1,286 @@
+"""The paper's comparison on any model: decode every example under every policy, measure, resume.
+
+A *row* is one configuration of the paper's Table 2: an exit policy for text steps and one for
+speech steps (`SPEECH` or `TEXT|SPEECH`). Examples run round-robin over the rows, so drift in
+machine load hits every row alike, and each finished (row, example) result is appended to
+`results.jsonl` at once: a rerun skips what is there, Ctrl-C loses nothing finished, and an
+example that raises is recorded with its error while the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..backbone import Backbone
+from ..generate import GenerationConfig, check_config, generate
+from ..heads import ExitHeads
+from ..schedule import parse_pair, parse_policy
+from ..sources import PromptItem
+
+
+@dataclass(frozen=True)
+class Row:
+    text: str
+    speech: str
+
+    @property
+    def name(self) -> str:
+        return self.speech if self.text == "full" else f"{self.text}|{self.speech}"
+
+    @property
+    def is_full(self) -> bool:
+        return self.text == "full" and self.speech == "full"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)
+
+
+def parse_rows(
+    policies: str, text_policy: str = "full", sweep: str | None = None, num_layers: int | None = None
+) -> list[Row]:
+    """'full,fixed:22,spar-k:even:22' (+ `TEXT|SPEECH` entries); a sweep 'A:B' repeats every
+    layer-taking policy at exit layers A..B-1. 'full' is always included (it is the baseline)."""
+    rows: list[Row] = []
+    for entry in [e.strip() for e in policies.split(",") if e.strip()]:
+        text, speech = entry.split("|", 1) if "|" in entry else (text_policy, entry)
+        for spec in (text, speech):
+            parse_policy(spec, num_layers)
+        rows.append(Row(text, speech))
+    if sweep:
+        a, b = parse_pair(sweep, "--sweep-exit-layers")
+        swept = []
+        for r in rows:
+            swept.append(r)
+            if parse_policy(r.speech).layer is not None:
+                for layer in range(a, b):
+                    spec = re.sub(r":\d+(?=(:[\d.]+)?$)", f":{layer}", r.speech, count=1)
+                    parse_policy(spec, num_layers)
+                    swept.append(Row(r.text, spec))
+        rows = swept
+    rows = list(dict.fromkeys(rows))
+    if not any(r.is_full for r in rows):
+        rows.insert(0, Row("full", "full"))
+    return rows
+
+
+@dataclass
+class Measures:
+    """How tokens become text, speech transcripts, audio and verdicts for one model."""
+
+    text_of: Callable[[list[int]], str]
+    speech_of: Callable[[list[int]], list[int]]
+    judge: Callable[[str, str, dict], bool]
+    transcriber: Callable[[list[int]], str] | None = None
+    vocoder: Callable | None = None
+    asr: Callable | None = None
+    mos: Callable | None = None
+
+
+@dataclass
+class EvalRun:
+    bb: Backbone
+    heads: ExitHeads
+    prompts: list[PromptItem]
+    cfg_for: Callable[[PromptItem], GenerationConfig]
+    rows: list[Row]
+    measures: Measures
+    out: Path
+    audio_examples: int = 3
+    verify: bool = False
+    records: list[dict] = field(default_factory=list)
+
+
+def _key(row: Row, i: int) -> str:
+    return f"{row.name}#{i}"
+
+
+def _load_done(path: Path) -> dict[str, dict]:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: redo that one
+                    continue
+                done[rec["key"]] = rec
+    return done
+
+
+def evaluate_one(run: EvalRun, row: Row, i: int, item: PromptItem) -> dict:
+    m, meta = run.measures, item.meta
+    cfg = replace(run.cfg_for(item), speech_policy=row.speech, text_policy=row.text, verify=run.verify)
+    t0 = time.perf_counter()
+    res = generate(run.bb, item.ids, cfg, heads=run.heads)
+    wall = time.perf_counter() - t0
+    text = m.text_of(res.tokens)
+    speech_ids = m.speech_of(res.tokens)
+    rec = {
+        "key": _key(row, i),
+        "row": row.name,
+        "example": i,
+        "id": meta.get("id", str(i)),
+        "format": cfg.interleave.format if cfg.interleave else None,
+        "tokens": res.tokens,
+        "modalities": ["s" if x == "speech" else "t" for x in res.modalities],
+        "exit_layers": res.exit_layers,
+        "text": text,
+        "wall_s": wall,
+        "stats": {k: res.stats[k] for k in STAT_KEYS},
+    }
+    question = meta.get("question", "")
+    rec["text_ok"] = bool(m.judge(question, text, meta))
+    wav = None
+    need_audio = m.vocoder is not None and (i < run.audio_examples or m.mos is not None or m.asr is not None)
+    if need_audio and speech_ids:
+        keep = i < run.audio_examples
+        target = (
+            run.out / "audio" / row.slug / f"{rec['id']}.wav"
+            if keep
+            else Path(tempfile.mkstemp(suffix=".wav")[1])
+        )
+        wav = m.vocoder(speech_ids, target)
+        if wav is not None and keep:
+            rec["audio"] = str(Path(wav).relative_to(run.out))
+    if m.transcriber is not None:
+        rec["speech_transcript"] = m.transcriber(speech_ids)
+    if m.asr is not None and wav is not None:
+        rec["asr_transcript"] = m.asr(wav)
+        rec["asr_ok"] = bool(m.judge(question, rec["asr_transcript"], meta))
+    if "speech_transcript" not in rec:
+        rec["speech_transcript"] = rec.get("asr_transcript", "")
+    rec["speech_ok"] = bool(m.judge(question, rec["speech_transcript"], meta))
+    if m.mos is not None and wav is not None:
+        rec["mos"] = m.mos(wav)
+    if wav is not None and "audio" not in rec:
+        Path(wav).unlink(missing_ok=True)
+    return rec
+
+
+STAT_KEYS = (
+    "text_steps",
+    "speech_steps",
+    "avg_exit_layer_text",
+    "avg_exit_layer_speech",
+    "speech_agreement",
+    "text_agreement",
+    "flops",
+    "flops_full_estimate",
+    "weight_reads",
+    "weight_reads_full_estimate",
+    "early_steps",
+    "fallback_steps",
+    "verify_rejections",
+    "prefill_s",
+    "decode_s",
+)
+
+
+def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
+    """Decode every (row, example), appending each result to results.jsonl as it completes."""
+    for row in run.rows:  # settings that would fail every example fail here, once
+        probe = run.prompts[0]
+        check_config(
+            run.bb, run.heads, replace(run.cfg_for(probe), speech_policy=row.speech, text_policy=row.text)
+        )
+    run.out.mkdir(parents=True, exist_ok=True)
+    path = run.out / "results.jsonl"
+    done = _load_done(path)
+    todo = [
+        (i, item, row) for i, item in enumerate(run.prompts) for row in run.rows if _key(row, i) not in done
+    ]
+    with path.open("a") as f:
+        for i, item, row in tqdm(todo, desc="eval", disable=not progress, unit="run"):
+            try:
+                rec = evaluate_one(run, row, i, item)
+            except Exception as e:  # noqa: BLE001 - one bad example must not end a long run
+                rec = {
+                    "key": _key(row, i),
+                    "row": row.name,
+                    "example": i,
+                    "error": f"{type(e).__name__}: {e}",
+                }
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            done[rec["key"]] = rec
+    run.records = [done[_key(r, i)] for i in range(len(run.prompts)) for r in run.rows if _key(r, i) in done]
+    return run.records
+
+
+def _wer(refs: list[str], hyps: list[str]) -> float | None:
+    import jiwer
+
+    pairs = [(r.strip() or "<empty>", h.strip()) for r, h in zip(refs, hyps, strict=True)]
+    if not pairs:
+        return None
+    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
+
+
+def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dict]:
+    """One line per row in the shape of the paper's Table 2 (accuracies and WER as fractions)."""
+    ok = [r for r in records if "error" not in r]
+    full = next((r for r in rows if r.is_full), None)
+    full_wall = {r["example"]: r["wall_s"] for r in ok if full and r["row"] == full.name}
+    out = []
+    for row in rows:
+        rs = [r for r in ok if r["row"] == row.name]
+        n = len(rs)
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        depth = {}
+        for mod, key in (("t", "text"), ("s", "speech")):
+            layers = [
+                layer
+                for r in rs
+                for layer, m in zip(r["exit_layers"], r["modalities"], strict=True)
+                if m == mod
+            ]
+            depth[key] = mean(layers)
+        agree_n = sum((r["stats"]["speech_agreement"] is not None) * r["stats"]["early_steps"] for r in rs)
+        agree = (
+            sum((r["stats"]["speech_agreement"] or 0) * r["stats"]["early_steps"] for r in rs) / agree_n
+            if agree_n
+            else None
+        )
+        shared = [r for r in rs if r["example"] in full_wall]
+        flops = sum(r["stats"]["flops"] for r in rs)
+        flops_full = sum(r["stats"]["flops_full_estimate"] for r in rs)
+        reads = sum(r["stats"]["weight_reads"] for r in rs)
+        reads_full = sum(r["stats"]["weight_reads_full_estimate"] for r in rs)
+        line = {
+            "policy": row.name,
+            "text_policy": row.text,
+            "speech_policy": row.speech,
+            "n": n,
+            "errors": sum(1 for r in records if r.get("row") == row.name and "error" in r),
+            "accuracy_speech": mean([r["speech_ok"] for r in rs]),
+            "accuracy_text": mean([r["text_ok"] for r in rs]),
+            "accuracy_asr": mean([r["asr_ok"] for r in rs if "asr_ok" in r]),
+            "wer": _wer([r["text"] for r in rs], [r["speech_transcript"] for r in rs]),
+            "mos": mean([r["mos"] for r in rs if r.get("mos") is not None]),
+            "avg_exit_layer_text": depth["text"],
+            "avg_exit_layer_speech": depth["speech"],
+            "speech_depth_reduction_pct": None
+            if depth["speech"] is None
+            else 100 * (1 - depth["speech"] / num_layers),
+            "flops_reduction_pct": 100 * (1 - flops / flops_full) if flops_full else None,
+            "predicted_speedup": reads_full / reads if reads else None,
+            "speedup": (
+                sum(full_wall[r["example"]] for r in shared) / sum(r["wall_s"] for r in shared)
+                if shared
+                else None
+            ),
+            "speech_agreement": agree,
+            "verify_rejections": sum(r["stats"]["verify_rejections"] for r in rs),
+            "mean_new_tokens": mean([len(r["tokens"]) for r in rs]),
+        }
+        out.append(line)
+    return out
