@@ -159,3 +159,20 @@ def test_report_loads_in_headless_chromium(qwen_dir, data, tmp_path):
     assert 'id="selfcheck"' in dom
     assert 'data-ok="true"' in dom, dom[-1500:]
     assert 'data-rows="2"' in dom and 'data-images="2"' in dom and 'data-audio="4"' in dom
+
+
+def test_prefill_pool_sweep_rows(qwen_dir, tmp_path):
+    data = tmp_path / "speechy.jsonl"
+    data.write_text(json.dumps({"prompt_ids": [3, 41, 41, 42, 42, 43, 5], "accepted": ["s45"]}) + "\n")
+    out = tmp_path / "ev"
+    res = run_eval(
+        qwen_dir, data, out, "--policies", "full", "--prefill-pool", "in=1.01,deep=1.01@3", "--prefill-pool",
+        "in=-1,deep=-1@3",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    summary = {s["policy"]: s for s in json.loads((out / "summary.json").read_text())}
+    assert set(summary) == {"full", "full pool(in=1.01,deep=1.01@3)", "full pool(in=-1,deep=-1@3)"}
+    assert summary["full pool(in=1.01,deep=1.01@3)"]["prefill_flops_reduction_pct"] == pytest.approx(0.0)
+    assert summary["full pool(in=-1,deep=-1@3)"]["prefill_flops_reduction_pct"] > 20
+    assert summary["full pool(in=-1,deep=-1@3)"]["prompt_len_last_layer"] == 3
+    assert "prefill FLOPs red. %" in (out / "table.md").read_text()

@@ -29,7 +29,9 @@ class LayeredKVCache:
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
-        self.lens = [0] * num_layers
+        self.lens = [0] * num_layers  # filled slots per layer
+        # positions dropped before each layer by prefill pooling: slot = position - shift
+        self.shift = [0] * num_layers
         self.max_len = max_len
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
@@ -45,9 +47,13 @@ class LayeredKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lens[layer_idx]
 
+    def next_position(self, layer_idx: int) -> int:
+        """First position whose KV this layer lacks."""
+        return self.lens[layer_idx] + self.shift[layer_idx]
+
     def truncate(self, length: int) -> None:
-        """Roll back: every layer keeps at most `length` positions."""
-        self.lens = [min(n, length) for n in self.lens]
+        """Roll back: every layer keeps positions < `length` only."""
+        self.lens = [min(n, length - s) for n, s in zip(self.lens, self.shift, strict=True)]
 
     def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.lens[layer_idx]

@@ -133,6 +133,11 @@ def generate(
         "--vocab-audit/--no-vocab-audit",
         help="Count tokens --speech-vocab-only changed (costs a full projection).",
     ),
+    prefill_pool: str = typer.Option(
+        None,
+        "--prefill-pool",
+        help="Affinity Pooling of speech input: in=TAU_IN,deep=TAU_DEEP@LAYER[,window-in=1,window-deep=3,pos=mean|first]",
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     device: str = typer.Option("cpu", "--device"),
     as_json: bool = typer.Option(
@@ -144,6 +149,7 @@ def generate(
     from .backbone import load_model
     from .generate import Generation, GenerationConfig
     from .heads import resolve_heads
+    from .pooling import parse_pool
     from .schedule import parse_interleave, parse_pair, parse_policy
 
     sp, tp = parse_policy(speech_policy), parse_policy(text_policy)
@@ -168,6 +174,7 @@ def generate(
         verify=verify,
         speech_vocab_only=speech_vocab_only,
         audit_vocab=vocab_audit,
+        prefill_pool=parse_pool(prefill_pool) if prefill_pool else None,
     )
     exit_heads = resolve_heads(heads, bb)
     gen = Generation(bb, exit_heads, ids, cfg)
@@ -381,6 +388,11 @@ def eval_cmd(
         None, "--sweep-exit-layers", help="A:B: repeat every layer-taking policy at layers A..B-1."
     ),
     verify: bool = typer.Option(False, "--verify", help="Verified (lossless) mode for every row."),
+    prefill_pool: list[str] = typer.Option(
+        None,
+        "--prefill-pool",
+        help="Repeat every row with this Affinity Pooling setting (give several for a sweep): in=0.8,deep=0.7@12",
+    ),
     out: Path = typer.Option(Path("sparkee-eval"), "--out"),
     limit: int = typer.Option(None, "--limit", help="First N examples only."),
     vocoder: str = typer.Option(
@@ -423,7 +435,7 @@ def eval_cmd(
     if policies is None:
         L = max(1, round(0.75 * bb.num_layers))
         policies = f"full,fixed:{L},confidence:{L}:0.5,spar-k:even:{L},spar-k:odd:{L},spar-k:triple:{L}"
-    rows = parse_rows(policies, text_policy, sweep, bb.num_layers)
+    rows = parse_rows(policies, text_policy, sweep, bb.num_layers, prefill_pool or None)
     exit_heads = resolve_heads(heads, bb)
     cfg = decoding_config(model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb)
     prompts = load_prompts(data, model, limit)

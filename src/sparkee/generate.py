@@ -31,6 +31,7 @@ from .backbone import Backbone
 from .cache import LayeredKVCache
 from .errors import SparkeeError
 from .heads import ExitHeads
+from .pooling import PoolSpec, affinity_groups, pool
 from .schedule import Interleave, Policy, TrackerState, advance, chunk_index, next_modality, parse_policy
 from .trace import CostMeter, StepRecord, compute_stats
 
@@ -52,9 +53,9 @@ class GenerationConfig:
     seed: int | None = None
     verify: bool = False
     speech_vocab_only: bool = False
-    audit_vocab: bool = (
-        True  # with speech_vocab_only, also compute the full projection to count changed tokens
-    )
+    # with speech_vocab_only, also compute the full projection to count changed tokens
+    audit_vocab: bool = True
+    prefill_pool: PoolSpec | None = None  # Affinity Pooling of the speech part of the prompt
 
 
 @dataclass
@@ -158,10 +159,10 @@ class _State:
         )
 
 
-def _causal_mask(rows_start: int, pos_end: int, device) -> torch.Tensor:
-    q = torch.arange(rows_start, pos_end + 1, device=device)[:, None]
-    k = torch.arange(pos_end + 1, device=device)[None, :]
-    return (k <= q)[None, None]  # [1, 1, rows, pos_end + 1], True = attend
+def _causal_mask(rows: int, kv_len: int, device) -> torch.Tensor:
+    q = torch.arange(kv_len - rows, kv_len, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    return (k <= q)[None, None]  # [1, 1, rows, kv_len], True = attend; the rows are the last kv slots
 
 
 def _run_layers(st: _State, carry: torch.Tensor | None, rows_start: int, pos_end: int, layers: range):
@@ -173,12 +174,12 @@ def _run_layers(st: _State, carry: torch.Tensor | None, rows_start: int, pos_end
     bb, cache = st.bb, st.cache
     if len(layers) == 0:
         return carry, rows_start
-    lo = min(rows_start, cache.lens[layers[-1]])  # deepest layer has the longest pending tail
+    lo = min(rows_start, cache.next_position(layers[-1]))  # deepest layer has the longest pending tail
     pids_all = torch.arange(lo, pos_end + 1, device=bb.device)[None]
     cos, sin = bb.rope(st.pend_h[:, :1] if carry is None else carry, pids_all)
-    mask, mask_start = None, -1
+    masks: dict[tuple[int, int], torch.Tensor] = {}
     for i in layers:
-        s = cache.lens[i]
+        s = cache.next_position(i)
         if s < rows_start:
             joined = st.pend_h[:, s:rows_start]
             carry = joined if carry is None else torch.cat([joined, carry], dim=1)
@@ -186,18 +187,15 @@ def _run_layers(st: _State, carry: torch.Tensor | None, rows_start: int, pos_end
         if carry is None:
             continue
         rows = pos_end + 1 - rows_start
-        if rows > 1 and rows_start > 0 and mask_start != rows_start:
-            mask, mask_start = _causal_mask(rows_start, pos_end, bb.device), rows_start
+        kv_len = cache.lens[i] + rows
+        mask = None  # one row, or a prefill from slot 0: is_causal does it
+        if rows > 1 and kv_len > rows:
+            mask = masks.get((rows, kv_len))
+            if mask is None:
+                mask = masks[(rows, kv_len)] = _causal_mask(rows, kv_len, bb.device)
         a = rows_start - lo
-        carry = bb.run_layer(
-            i,
-            carry,
-            mask if rows > 1 and rows_start > 0 else None,  # None: one row, or a prefill from 0 (is_causal)
-            pids_all[:, a:],
-            (cos[:, a:], sin[:, a:]),
-            cache,
-        )
-        st.meter.layer(i, rows, pos_end + 1)
+        carry = bb.run_layer(i, carry, mask, pids_all[:, a:], (cos[:, a:], sin[:, a:]), cache)
+        st.meter.layer(i, rows, kv_len)
     return carry, rows_start
 
 
@@ -287,10 +285,38 @@ def _check_pending(st: _State, full, restricted, rows_start: int, n_pending: int
 def _prefill(st: _State) -> None:
     bb, P = st.bb, st.prompt_len
     h = bb.embed(torch.tensor([st.seq], device=bb.device))
-    carry, _ = _run_layers(st, h, 0, P - 1, range(bb.num_layers))
+    if st.cfg.prefill_pool is None:
+        carry, _ = _run_layers(st, h, 0, P - 1, range(bb.num_layers))
+    else:
+        carry = _pooled_prefill(st, h, st.cfg.prefill_pool)
     modality = next_modality(st.cfg.interleave, st.trackers[-1])
     full, restricted = _project(st, bb.final_norm(carry[:, -1:]), [modality == "speech"], st.cfg.audit_vocab)
     _emit_full(st, full, restricted, 0, modality, bb.num_layers, "full", filled=0)
+
+
+def _pooled_prefill(st: _State, h: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+    """Prefill with Affinity Pooling at the embeddings and after layer `spec.layer` (see pooling.py).
+
+    Layers after each pooling point run on the shorter sequence; `cache.shift` records how many
+    positions each layer dropped, so later steps keep the usual positions P, P + 1, ...
+    """
+    bb, P, N = st.bb, st.prompt_len, st.bb.num_layers
+    ids = torch.tensor(st.seq)
+    lo, hi = st.cfg.speech_ids
+    speech = (ids >= lo) & (ids < hi)
+    pos = torch.arange(P, dtype=torch.float32)
+    for first, last, tau, window in (
+        (0, spec.layer, spec.tau_in, spec.window_in),
+        (spec.layer, N, spec.tau_deep, spec.window_deep),
+    ):
+        h, pos, speech = pool(h, pos, speech, affinity_groups(h[0], speech, tau, window), spec.position)
+        pids = pos[None].to(bb.device)
+        pe = bb.rope(h, pids)
+        for i in range(first, last):
+            st.cache.shift[i] = P - h.shape[1]
+            h = bb.run_layer(i, h, None, pids, pe, st.cache)  # slots start at 0: is_causal masks it
+            st.meter.layer(i, h.shape[1], h.shape[1])
+    return h
 
 
 def _emit_full(
@@ -352,7 +378,7 @@ def _step(st: _State) -> None:
 def _flush(st: _State) -> bool:
     """Fill the deep layers of the pending tail (so the cache is complete) and check its tokens."""
     bb, last = st.bb, st.pos - 1  # the newest token is not fed yet
-    rows_start = min(st.cache.lens[-1], last + 1)
+    rows_start = min(st.cache.next_position(bb.num_layers - 1), last + 1)
     if rows_start > last:
         return False
     carry, rows_start = _run_layers(st, None, last + 1, last, range(bb.num_layers))
@@ -403,6 +429,12 @@ def check_config(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig):
             raise SparkeeError(f"token id {t} (stop or control token) is outside the vocabulary (0..{V - 1})")
     if cfg.interleave and cfg.interleave.text_end_id is not None and not 0 <= cfg.interleave.text_end_id < V:
         raise SparkeeError(f"text-end id {cfg.interleave.text_end_id} is outside the vocabulary (0..{V - 1})")
+    if cfg.prefill_pool is not None:
+        cfg.prefill_pool.check(N)
+        if cfg.speech_ids is None:
+            raise SparkeeError(
+                "--prefill-pool needs the speech token range (--speech-ids A:B) to know what may merge"
+            )
     speech_set = None
     if cfg.speech_vocab_only:
         if heads.token_ids is not None:
@@ -453,6 +485,7 @@ class Generation:
         self._st.trackers.append(TrackerState())
         self._st.gen = gen
         self._times = (0.0, 0.0)
+        self._prefill_macs = 0.0
         self._done = False
         self._iter = self._run()
 
@@ -476,9 +509,9 @@ class Generation:
             t0 = time.perf_counter()
             _prefill(st)
             t1 = time.perf_counter()
-            st.meter.macs = st.meter.reads = (
-                0.0  # costs below are decode costs; the baseline excludes prefill too
-            )
+            self._prefill_macs = st.meter.macs
+            # costs below are decode costs; the all-full baseline excludes prefill too
+            st.meter.macs = st.meter.reads = 0.0
             yield from self._confirmed(len(st.records))
             while True:
                 if self._finished():
@@ -487,7 +520,8 @@ class Generation:
                         continue
                     break
                 _step(st)
-                if not st.cfg.verify or st.cache.lens[-1] >= st.pos:  # nothing left unchecked
+                # in verified mode, stream only what a full pass has confirmed
+                if not st.cfg.verify or st.cache.next_position(st.bb.num_layers - 1) >= st.pos:
                     yield from self._confirmed(len(st.records))
             yield from self._confirmed(len(st.records))
             self._times = (t1 - t0, time.perf_counter() - t1)
@@ -508,6 +542,12 @@ class Generation:
             st.rejections,
             st.wasted,
         )
+        N, P = st.bb.num_layers, st.prompt_len
+        stats["prefill_flops"] = 2 * self._prefill_macs
+        stats["prompt_len"] = P
+        stats["prompt_len_first_layer"] = P - st.cache.shift[0]
+        stats["prompt_len_last_layer"] = P - st.cache.shift[N - 1]
+        stats["kv_bytes"] = st.cache.nbytes()
         new = st.seq[st.prompt_len :]
         return GenerationResult(
             prompt=st.seq[: st.prompt_len],

@@ -30,14 +30,16 @@ from ..sources import PromptItem
 class Row:
     text: str
     speech: str
+    pool: str | None = None  # --prefill-pool spec of this row, if any
 
     @property
     def name(self) -> str:
-        return self.speech if self.text == "full" else f"{self.text}|{self.speech}"
+        name = self.speech if self.text == "full" else f"{self.text}|{self.speech}"
+        return name if self.pool is None else f"{name} pool({self.pool})"
 
     @property
     def is_full(self) -> bool:
-        return self.text == "full" and self.speech == "full"
+        return self.text == "full" and self.speech == "full" and self.pool is None
 
     @property
     def slug(self) -> str:
@@ -45,10 +47,15 @@ class Row:
 
 
 def parse_rows(
-    policies: str, text_policy: str = "full", sweep: str | None = None, num_layers: int | None = None
+    policies: str,
+    text_policy: str = "full",
+    sweep: str | None = None,
+    num_layers: int | None = None,
+    pools: list[str] | None = None,
 ) -> list[Row]:
     """'full,fixed:22,spar-k:even:22' (+ `TEXT|SPEECH` entries); a sweep 'A:B' repeats every
-    layer-taking policy at exit layers A..B-1. 'full' is always included (it is the baseline)."""
+    layer-taking policy at exit layers A..B-1; `pools` (prefill-pool specs) repeat every row with
+    each pooling setting. 'full' without pooling is always included (it is the baseline)."""
     rows: list[Row] = []
     for entry in [e.strip() for e in policies.split(",") if e.strip()]:
         text, speech = entry.split("|", 1) if "|" in entry else (text_policy, entry)
@@ -66,6 +73,14 @@ def parse_rows(
                     parse_policy(spec, num_layers)
                     swept.append(Row(r.text, spec))
         rows = swept
+    if pools:
+        from ..pooling import parse_pool
+
+        for p in pools:
+            spec = parse_pool(p)
+            if num_layers is not None:
+                spec.check(num_layers)
+        rows = rows + [Row(r.text, r.speech, p) for r in rows for p in pools]
     rows = list(dict.fromkeys(rows))
     if not any(r.is_full for r in rows):
         rows.insert(0, Row("full", "full"))
@@ -116,9 +131,16 @@ def _load_done(path: Path) -> dict[str, dict]:
     return done
 
 
+def _row_config(cfg: GenerationConfig, row: Row, verify: bool) -> GenerationConfig:
+    from ..pooling import parse_pool
+
+    pool = parse_pool(row.pool) if row.pool else None
+    return replace(cfg, speech_policy=row.speech, text_policy=row.text, verify=verify, prefill_pool=pool)
+
+
 def evaluate_one(run: EvalRun, row: Row, i: int, item: PromptItem) -> dict:
     m, meta = run.measures, item.meta
-    cfg = replace(run.cfg_for(item), speech_policy=row.speech, text_policy=row.text, verify=run.verify)
+    cfg = _row_config(run.cfg_for(item), row, run.verify)
     t0 = time.perf_counter()
     res = generate(run.bb, item.ids, cfg, heads=run.heads)
     wall = time.perf_counter() - t0
@@ -182,6 +204,10 @@ STAT_KEYS = (
     "verify_rejections",
     "prefill_s",
     "decode_s",
+    "prefill_flops",
+    "kv_bytes",
+    "prompt_len",
+    "prompt_len_last_layer",
 )
 
 
@@ -189,9 +215,7 @@ def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
     """Decode every (row, example), appending each result to results.jsonl as it completes."""
     for row in run.rows:  # settings that would fail every example fail here, once
         probe = run.prompts[0]
-        check_config(
-            run.bb, run.heads, replace(run.cfg_for(probe), speech_policy=row.speech, text_policy=row.text)
-        )
+        check_config(run.bb, run.heads, _row_config(run.cfg_for(probe), row, run.verify))
     run.out.mkdir(parents=True, exist_ok=True)
     path = run.out / "results.jsonl"
     done = _load_done(path)
@@ -230,6 +254,8 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
     ok = [r for r in records if "error" not in r]
     full = next((r for r in rows if r.is_full), None)
     full_wall = {r["example"]: r["wall_s"] for r in ok if full and r["row"] == full.name}
+    full_prefill = [r["stats"]["prefill_flops"] for r in ok if full and r["row"] == full.name]
+    base_prefill = sum(full_prefill) / len(full_prefill) if full_prefill else None
     out = []
     for row in rows:
         rs = [r for r in ok if r["row"] == row.name]
@@ -281,6 +307,16 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
             "speech_agreement": agree,
             "verify_rejections": sum(r["stats"]["verify_rejections"] for r in rs),
             "mean_new_tokens": mean([len(r["tokens"]) for r in rs]),
+            "pool": row.pool,
+            "prefill_flops": mean([r["stats"]["prefill_flops"] for r in rs]),
+            "kv_bytes": mean([r["stats"]["kv_bytes"] for r in rs]),
+            "ttft_s": mean([r["stats"]["prefill_s"] for r in rs]),
+            "prefill_flops_reduction_pct": (
+                100 * (1 - mean([r["stats"]["prefill_flops"] for r in rs]) / base_prefill)
+                if base_prefill and rs
+                else None
+            ),
+            "prompt_len_last_layer": mean([r["stats"]["prompt_len_last_layer"] for r in rs]),
         }
         out.append(line)
     return out

@@ -22,6 +22,9 @@ COLUMNS = [
     ("speech_agreement", "early-token agreement %", "pct"),
     ("predicted_speedup", "predicted speed-up", "f2"),
     ("speedup", "measured speed-up", "f2"),
+    ("prefill_flops_reduction_pct", "prefill FLOPs red. %", "f1"),
+    ("kv_bytes", "KV bytes", "int"),
+    ("ttft_s", "TTFT s", "f3"),
 ]
 
 
@@ -34,12 +37,19 @@ def _cell(v, kind) -> str:
         return f"{v:.2f}"
     if kind == "f1":
         return f"{v:.1f}"
+    if kind == "f3":
+        return f"{v:.3f}"
+    if kind == "int":
+        return f"{v:.0f}"
     return str(v)
 
 
 def _columns(summary: list[dict]) -> list[tuple]:
-    # drop columns no row has a value for (no MOS plug-in, no ASR plug-in)
-    return [c for c in COLUMNS if any(s.get(c[0]) is not None for s in summary)]
+    # drop columns no row has a value for (no MOS plug-in, no ASR plug-in); prefill columns only
+    # matter when some row pools the prompt
+    pooled = any(s.get("pool") for s in summary)
+    keep = [c for c in COLUMNS if any(s.get(c[0]) is not None for s in summary)]
+    return [c for c in keep if pooled or c[0] not in ("prefill_flops_reduction_pct", "kv_bytes", "ttft_s")]
 
 
 def markdown_table(summary: list[dict]) -> str:
