@@ -142,3 +142,23 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     res = run("--model", str(tmp_path / "gpt2"), "--prompt-ids", "1")
     assert res.exit_code == 2
     assert "is not supported" in res.stderr and "Qwen2ForCausalLM" in res.stderr
+
+
+def test_presets_apply_and_unknown_presets_are_named(qwen_dir):
+    res = run("--model", str(qwen_dir), "--prompt-ids", "5", "--preset", "nope")
+    assert res.exit_code == 2 and "unknown preset 'nope'" in res.stderr
+    # the preset's own policy (spar-k at layer 22 of 28) and speech ids (151696..) cannot fit a
+    # 6-layer, 96-token test model: both show that the preset was applied
+    res = run("--model", str(qwen_dir), "--prompt-ids", "5", "--preset", "step-audio-2-mini")
+    assert res.exit_code == 2 and "exit layer 22 in policy 'spar-k:even:22' is out of range" in res.stderr
+    res = run(
+        "--model",
+        str(qwen_dir),
+        "--prompt-ids",
+        "5",
+        "--preset",
+        "step-audio-2-mini",
+        "--speech-policy",
+        "full",
+    )
+    assert res.exit_code == 2 and "outside the vocabulary" in res.stderr

@@ -41,7 +41,7 @@ class Backbone:
         self.head_dim = (
             getattr(self.config, "head_dim", None) or self.hidden_size // self.config.num_attention_heads
         )
-        self.layer_devices = [next(layer.parameters()).device for layer in self.layers]
+        self.layer_devices = [execution_device(layer) for layer in self.layers]
         self.dtype = self.lm_head.weight.dtype
         self.layer_params = [sum(p.numel() for p in layer.parameters()) for layer in self.layers]
 
@@ -103,10 +103,23 @@ class Backbone:
             "kv_heads": self.num_kv_heads,
         }
         h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-        # bf16 rounding is idempotent, so fp32 and bf16 loads of one checkpoint agree.
-        for t in (self.norm.weight, self.lm_head.weight[:16], self.layers[-1].input_layernorm.weight):
-            h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        from accelerate.utils import align_module_device
+
+        # bf16 rounding is idempotent, so fp32 and bf16 loads of one checkpoint agree; the modules
+        # are aligned so that weights accelerate keeps on disk (meta tensors here) are read too
+        for mod, rows in ((self.norm, None), (self.lm_head, 16), (self.layers[-1].input_layernorm, None)):
+            with align_module_device(mod, torch.device("cpu")):
+                t = mod.weight if rows is None else mod.weight[:rows]
+                h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where a module computes: accelerate's hook device when weights are offloaded, else its weights'."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if dev is not None:
+        return dev if isinstance(dev, torch.device) else torch.device(dev)
+    return next(module.parameters()).device
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

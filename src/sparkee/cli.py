@@ -89,11 +89,18 @@ def generate(
     model: Path = typer.Option(
         ..., "--model", help="Hugging Face checkpoint directory (Qwen2, Llama or Glm layout)."
     ),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        help="glm-4-voice | step-audio-2-mini: the model's interleave, ids, stops, decoding.",
+    ),
     heads: str = typer.Option(
         "logit-lens", "--heads", help="Exit heads file (.safetensors) or 'logit-lens'."
     ),
     speech_policy: str = typer.Option(
-        "full", "--speech-policy", help="full | fixed:L | confidence:L:H | spar-k:even|odd|triple|PATTERN:L"
+        None,
+        "--speech-policy",
+        help="full | fixed:L | confidence:L:H | spar-k:even|odd|triple|PATTERN:L (default: full, or the preset's)",
     ),
     text_policy: str = typer.Option(
         "full", "--text-policy", help="Exit policy for text steps (same syntax)."
@@ -102,7 +109,7 @@ def generate(
         None, "--interleave", help="T:S text:speech ratio; omit for all-text, 0:1 for all-speech."
     ),
     fmt: str = typer.Option(
-        "padded", "--format", help="padded | early-stop (ESI: all speech after --text-end-id)."
+        None, "--format", help="padded | early-stop (ESI: all speech after --text-end-id)."
     ),
     text_end_id: int = typer.Option(
         None, "--text-end-id", help="Token that ends the text in the early-stop format."
@@ -118,8 +125,10 @@ def generate(
     stop_ids: str = typer.Option(
         None, "--stop-ids", help="Comma-separated stop ids (default: the model's EOS ids)."
     ),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p"),
+    temperature: float = typer.Option(
+        None, "--temperature", help="0 = greedy (default: 0, or the preset's)."
+    ),
+    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass (default: 1, or the preset's)."),
     top_k: int = typer.Option(0, "--top-k", help="0 = off."),
     seed: int = typer.Option(None, "--seed"),
     verify: bool = typer.Option(
@@ -146,35 +155,35 @@ def generate(
     trace: bool = typer.Option(False, "--trace", help="With --json, add the per-step records."),
 ) -> None:
     """Generate with scheduled early exit and print the tokens, the per-step trace and stats."""
+    from dataclasses import replace
+
     from .backbone import load_model
-    from .generate import Generation, GenerationConfig
+    from .generate import Generation
     from .heads import resolve_heads
     from .pooling import parse_pool
-    from .schedule import parse_interleave, parse_pair, parse_policy
+    from .schedule import parse_policy
 
-    sp, tp = parse_policy(speech_policy), parse_policy(text_policy)
-    il = parse_interleave(interleave, fmt, text_end_id) if interleave else None
-    if il is None and (fmt != "padded" or text_end_id is not None):
-        raise SparkeeError("--format and --text-end-id need --interleave T:S")
-    srange = parse_pair(speech_ids, "--speech-ids") if speech_ids else None
+    if speech_policy is not None:
+        parse_policy(speech_policy)
+    tp = parse_policy(text_policy)
+    pool = parse_pool(prefill_pool) if prefill_pool else None
     ids = encode_prompt(model, prompt, prompt_ids)
     bb = load_model(model, dtype=dtype, device=device)
-    stops = parse_ids(stop_ids, "--stop-ids") if stop_ids is not None else default_stop_ids(bb)
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        speech_policy=sp,
+    cfg = decoding_config(
+        model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb, preset=preset
+    )
+    sampling = {"temperature": temperature, "top_p": top_p}
+    cfg = replace(
+        cfg,
+        speech_policy=parse_policy(speech_policy) if speech_policy else cfg.speech_policy,
         text_policy=tp,
-        interleave=il,
-        speech_ids=srange,
-        stop_ids=stops,
-        temperature=temperature,
-        top_p=top_p,
         top_k=top_k,
         seed=seed,
         verify=verify,
         speech_vocab_only=speech_vocab_only,
         audit_vocab=vocab_audit,
-        prefill_pool=parse_pool(prefill_pool) if prefill_pool else None,
+        prefill_pool=pool,
+        **{k: v for k, v in sampling.items() if v is not None},  # None: keep the preset's
     )
     exit_heads = resolve_heads(heads, bb)
     gen = Generation(bb, exit_heads, ids, cfg)
@@ -196,15 +205,33 @@ def generate(
 
 
 def decoding_config(
-    model: Path, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens: int, bb=None, **kw
+    model: Path,
+    interleave,
+    fmt,
+    text_end_id,
+    speech_ids,
+    stop_ids,
+    max_new_tokens: int,
+    bb=None,
+    preset: str | None = None,
+    **kw,
 ):
-    """The model's own defaults (sparkee_refslm.json), overridden by whatever the command line gives."""
+    """Defaults from `--preset` or the model's own file (sparkee_refslm.json), then the command line."""
     from dataclasses import replace
 
     from .presets import default_config
     from .schedule import parse_interleave, parse_pair
 
-    cfg = default_config(model, fmt=fmt or "padded", max_new_tokens=max_new_tokens, **kw)
+    if preset:
+        from .models import generation_config
+        from .models import preset as load_preset
+
+        p = load_preset(preset, model)
+        cfg = generation_config(p, max_new_tokens=max_new_tokens, **kw)
+        if fmt:
+            cfg = replace(cfg, interleave=replace(cfg.interleave, format=fmt) if cfg.interleave else None)
+    else:
+        cfg = default_config(model, fmt=fmt or "padded", max_new_tokens=max_new_tokens, **kw)
     if interleave:
         end = (
             text_end_id
@@ -229,6 +256,11 @@ def decoding_config(
 @friendly
 def train_heads(
     model: Path = typer.Option(..., "--model", help="Checkpoint directory of the frozen backbone."),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        help="glm-4-voice | step-audio-2-mini: the model's interleave, ids, stops, decoding.",
+    ),
     data: str = typer.Option(..., "--data", help="JSONL of prompts, a datasets directory, or refslm:train."),
     layers: str = typer.Option("all", "--layers", help="'all', a list like 12,14,16, or a range like 4:12."),
     head: str = typer.Option("tuned-lens", "--head", help="tuned-lens | full"),
@@ -279,7 +311,9 @@ def train_heads(
         raise SparkeeError(f"--out must end in .safetensors, got '{out}'")
     bb = load_model(model, dtype=dtype, device=device)
     layer_list = parse_layers(layers, bb.num_layers)
-    cfg = decoding_config(model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb)
+    cfg = decoding_config(
+        model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb, preset=preset
+    )
     prompts = load_prompts(data, model, limit)
     ids = speech_token_set(cfg, bb.vocab_size) if token_set == "speech" else None
     metrics = run_training(
@@ -330,6 +364,11 @@ def print_head_metrics(metrics: dict) -> None:
 @friendly
 def layer_report(
     model: Path = typer.Option(..., "--model"),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        help="glm-4-voice | step-audio-2-mini: the model's interleave, ids, stops, decoding.",
+    ),
     heads: str = typer.Option("logit-lens", "--heads", help="Heads file or 'logit-lens'."),
     data: str = typer.Option(..., "--data", help="JSONL of prompts, a datasets directory, or refslm:test."),
     out: Path = typer.Option(Path("layer-report"), "--out", help="Output directory (JSON, Markdown, PNG)."),
@@ -351,7 +390,9 @@ def layer_report(
 
     bb = load_model(model, dtype=dtype)
     exit_heads = resolve_heads(heads, bb)
-    cfg = decoding_config(model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb)
+    cfg = decoding_config(
+        model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb, preset=preset
+    )
     prompts = load_prompts(data, model, limit)
     is_ref = data.startswith("refslm:") and model_defaults(model) is not None
     run_report(bb, exit_heads, prompts, lambda item: for_item(cfg, item), out, is_refslm=is_ref)
@@ -371,6 +412,11 @@ def _measure_notes(model: Path) -> str:
 @friendly
 def eval_cmd(
     model: Path = typer.Option(..., "--model"),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        help="glm-4-voice | step-audio-2-mini: the model's interleave, ids, stops, decoding.",
+    ),
     heads: str = typer.Option("logit-lens", "--heads", help="Heads file or 'logit-lens'."),
     data: str = typer.Option(
         ..., "--data", help="JSONL of prompts (with 'accepted' answers), a datasets dir, or refslm:test."
@@ -432,12 +478,18 @@ def eval_cmd(
     from .sources import load_prompts
 
     bb = load_model(model, dtype=dtype, device=device)
+    if policies is None and preset:
+        from .models import preset as load_preset
+
+        policies = ",".join(["full", *load_preset(preset, model)["policies"]])
     if policies is None:
         L = max(1, round(0.75 * bb.num_layers))
         policies = f"full,fixed:{L},confidence:{L}:0.5,spar-k:even:{L},spar-k:odd:{L},spar-k:triple:{L}"
     rows = parse_rows(policies, text_policy, sweep, bb.num_layers, prefill_pool or None)
     exit_heads = resolve_heads(heads, bb)
-    cfg = decoding_config(model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb)
+    cfg = decoding_config(
+        model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb, preset=preset
+    )
     prompts = load_prompts(data, model, limit)
     if fmt and model_defaults(model) is not None:  # the reference SLM: ask for one format only
         prompts = [p for p in prompts if p.meta.get("format", fmt) == fmt]
@@ -569,6 +621,9 @@ def print_stats(stats: dict) -> None:
 
 
 def _mount_optional() -> None:
+    from .models.cli import app as convert_app
+
+    app.add_typer(convert_app, name="convert")
     try:
         from .refslm.cli import app as refslm_app
     except ImportError:  # the reference model's extras are optional
