@@ -31,4 +31,3 @@ def tone_vocoder(speech_ids: list[int], wav_path: Path) -> Path:
         w.setframerate(sr)
         w.writeframes(struct.pack(f"<{len(frames)}h", *frames))
     return wav_path
-
