@@ -73,7 +73,7 @@ def test_interrupted_training_resumes_to_the_same_heads(qwen_dir, prompts, tmp_p
     resumed = tmp_path / "b.safetensors"
     first = train(qwen_dir, prompts, resumed, "--steps", "20", "--layers", "2,4", "--stop-after", "8")
     assert first.exit_code == 0 and "rerun the same command" in first.stdout
-    assert (tmp_path / "b.work" / "train-state.safetensors").is_file() and not resumed.exists()
+    assert (tmp_path / "b.work" / "train-state-tuned-lens-all.safetensors").is_file() and not resumed.exists()
     # the rerun picks up at step 8 (labels and optimizer state from the work dir)
     assert train(qwen_dir, prompts, resumed, "--steps", "20", "--layers", "2,4").exit_code == 0
     from conftest import tiny_model

@@ -352,7 +352,8 @@ def run_training(
     if token_ids is not None:
         train = train.select(train.speech.nonzero().squeeze(1))
     heads = ExitHeads(bb, kind, layers, token_ids)
-    state = work / "train-state.safetensors"
+    # labels are shared by every head trained from the same prompts; training state is not
+    state = work / f"train-state-{kind}-{'speech' if token_ids is not None else 'all'}.safetensors"
     done = distill(
         bb,
         heads,
