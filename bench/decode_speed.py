@@ -154,7 +154,7 @@ def print_table(results: list[dict]) -> None:
                 f"{row['depth_only_ratio']:.3f}",
             )
             first = False
-    Console().print(t)
+    Console(width=200).print(t)
 
 
 def main() -> None:

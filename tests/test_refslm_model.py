@@ -21,7 +21,6 @@ from sparkee.refslm.vocab import RefVocab
 MODEL_DIR = bundled_model_dir()
 KNOWN_TEST_ID = "test-00002"  # "name the capital of france" -> "the capital of france is paris"
 
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), reason="no bundled model")
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,13 @@ def for_item(cfg: GenerationConfig, item: PromptItem) -> GenerationConfig:
 
 
 def refslm_prompts(split: str, formats: tuple[str, ...] = ("padded", "early-stop")) -> list[PromptItem]:
-    """The reference SLM's spoken questions (as speech units), once per interleave format."""
+    """The reference SLM's spoken questions (as speech units), once per interleave format.
+
+    The split files are grouped by category; prompts come in one fixed shuffled order instead, so
+    that `--limit N` takes a mix of categories.
+    """
+    import random
+
     from .errors import SparkeeError
     from .refslm.data import build_prompt, load_split
     from .refslm.vocab import load_vocab
@@ -66,7 +72,9 @@ def refslm_prompts(split: str, formats: tuple[str, ...] = ("padded", "early-stop
         raise SparkeeError(f"unknown reference split '{split}': use refslm:train, refslm:dev or refslm:test")
     vocab = load_vocab()
     items = []
-    for ex in load_split(split):
+    examples = load_split(split)
+    random.Random(0).shuffle(examples)
+    for ex in examples:
         for fmt in formats:
             meta = {
                 "id": ex.id,

@@ -1,0 +1,55 @@
+"""`sparkee demo`, the README's main job, end to end on two questions of the bundled model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from sparkee.cli import app
+
+KEYS = {
+    "policy",
+    "accuracy_speech",
+    "accuracy_text",
+    "wer",
+    "avg_exit_layer_speech",
+    "speech_depth_reduction_pct",
+    "speedup",
+}
+
+
+@pytest.mark.slow
+def test_demo_on_two_questions(tmp_path):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--limit", "2", "--out", str(out), "--audio-examples", "1"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["policy"] for r in rows][0] == "full"
+    assert {r["policy"].split(":")[0] for r in rows} == {"full", "fixed", "confidence", "spar-k"}
+    assert len(rows) == 6
+    for r in rows:
+        assert set(r) >= KEYS
+        assert 0 <= r["accuracy_speech"] <= 1 and 0 <= r["accuracy_text"] <= 1 and r["wer"] >= 0
+        assert r["speedup"] > 0
+    full = rows[0]
+    assert full["speech_depth_reduction_pct"] == 0 and full["speedup"] == pytest.approx(1.0)
+    assert all(
+        r["speech_depth_reduction_pct"] > 0 for r in rows if r["policy"].startswith(("fixed", "spar-k"))
+    )
+    table = (out / "table.md").read_text()
+    assert "acc. speech %" in table and "measured speed-up" in table
+    if shutil.which("espeak-ng"):
+        assert len(list((out / "audio").rglob("*.wav"))) == 6  # one answer per policy
+
+
+def test_demo_bad_inputs(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["demo", "--format", "zigzag", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown format" in res.stderr
+    res = runner.invoke(app, ["demo", "--exit-layer", "99", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "out of range" in res.stderr
+    res = runner.invoke(app, ["demo", "--model", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "missing" in res.stderr
