@@ -30,9 +30,9 @@ def chitchat_prompts(tokenizer, n: int, skip: int) -> list[dict]:
         first = " ".join(m["text"] for m in conv["messages"][0]).strip()
         if not first:
             continue
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": first}], add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) else ids
-        out.append({"prompt_ids": list(ids), "text": first})
+        msgs = [{"role": "user", "content": first}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        out.append({"prompt_ids": [int(t) for t in ids], "text": first})
         if len(out) == n:
             break
     return out
