@@ -176,3 +176,35 @@ def test_prefill_pool_sweep_rows(qwen_dir, tmp_path):
     assert summary["full pool(in=-1,deep=-1@3)"]["prefill_flops_reduction_pct"] > 20
     assert summary["full pool(in=-1,deep=-1@3)"]["prompt_len_last_layer"] == 3
     assert "prefill FLOPs red. %" in (out / "table.md").read_text()
+
+
+def test_waveform_asr_and_mos_run_after_decoding(qwen_dir, data, tmp_path):
+    out = tmp_path / "ev"
+    args = [
+        "eval",
+        "--model",
+        str(qwen_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--policies",
+        "full,fixed:3",
+    ]
+    args += DECODE + ["--vocoder", "eval_plugins:tone_vocoder", "--asr", "eval_plugins:tone_asr"]
+    args += ["--mos", "eval_plugins:loudness_mos", "--audio-examples", "1"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    final = {r["key"]: r for r in lines}  # later lines replace earlier ones
+    assert len(final) == 6
+    from eval_plugins import id_transcriber
+
+    for r in final.values():
+        speech = [t for t in r["tokens"] if 40 <= t < 80]
+        if speech:  # the ASR heard back exactly the speech ids, and judged the speech by it
+            assert r["asr_transcript"] == r["speech_transcript"] == id_transcriber(speech)
+            assert 1 <= r["mos"] <= 5 and not r["audio_pending"] and "pending_wav" not in r
+    assert not (out / ".pending-audio").exists() or not list((out / ".pending-audio").rglob("*.wav"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(s["n"] == 3 and s["mos"] is not None and s["accuracy_asr"] is not None for s in summary)

@@ -22,7 +22,6 @@ MODEL_DIR = bundled_model_dir()
 KNOWN_TEST_ID = "test-00002"  # "name the capital of france" -> "the capital of france is paris"
 
 
-
 @pytest.fixture(scope="module")
 def model():
     from transformers import Qwen2ForCausalLM

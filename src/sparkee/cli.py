@@ -9,10 +9,48 @@ import functools
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from .errors import SparkeeError
+
+# options shared by several commands
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preset", help="glm-4-voice | step-audio-2-mini: the model's interleave, ids, stops and decoding."
+    ),
+]
+
+InterleaveOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--interleave",
+        help="T:S text:speech ratio (default: the model's own, else all text; 0:1 = all speech).",
+    ),
+]
+
+FormatOpt = Annotated[
+    str | None,
+    typer.Option("--format", help="padded | early-stop (ESI: every step after --text-end-id is speech)."),
+]
+
+TextEndOpt = Annotated[
+    int | None, typer.Option("--text-end-id", help="Token that ends the text in the early-stop format.")
+]
+
+SpeechIdsOpt = Annotated[
+    str | None, typer.Option("--speech-ids", help="Speech token ids as a half-open range START:END.")
+]
+
+StopIdsOpt = Annotated[
+    str | None, typer.Option("--stop-ids", help="Comma-separated stop ids (default: the model's EOS ids).")
+]
+
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")]
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
 
 app = typer.Typer(
     help="sparkee: faster decoding for interleaved spoken language models (SPAR-K scheduled early exit).",
@@ -89,11 +127,7 @@ def generate(
     model: Path = typer.Option(
         ..., "--model", help="Hugging Face checkpoint directory (Qwen2, Llama or Glm layout)."
     ),
-    preset: str = typer.Option(
-        None,
-        "--preset",
-        help="glm-4-voice | step-audio-2-mini: the model's interleave, ids, stops, decoding.",
-    ),
+    preset: PresetOpt = None,
     heads: str = typer.Option(
         "logit-lens", "--heads", help="Exit heads file (.safetensors) or 'logit-lens'."
     ),
@@ -105,26 +139,16 @@ def generate(
     text_policy: str = typer.Option(
         "full", "--text-policy", help="Exit policy for text steps (same syntax)."
     ),
-    interleave: str = typer.Option(
-        None, "--interleave", help="T:S text:speech ratio; omit for all-text, 0:1 for all-speech."
-    ),
-    fmt: str = typer.Option(
-        None, "--format", help="padded | early-stop (ESI: all speech after --text-end-id)."
-    ),
-    text_end_id: int = typer.Option(
-        None, "--text-end-id", help="Token that ends the text in the early-stop format."
-    ),
-    speech_ids: str = typer.Option(
-        None, "--speech-ids", help="Speech token ids as a half-open range START:END."
-    ),
+    interleave: InterleaveOpt = None,
+    fmt: FormatOpt = None,
+    text_end_id: TextEndOpt = None,
+    speech_ids: SpeechIdsOpt = None,
     prompt: str = typer.Option(
         None, "--prompt", help="Prompt text (needs a tokenizer in the model directory)."
     ),
     prompt_ids: str = typer.Option(None, "--prompt-ids", help="Prompt token ids, comma-separated."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-    stop_ids: str = typer.Option(
-        None, "--stop-ids", help="Comma-separated stop ids (default: the model's EOS ids)."
-    ),
+    stop_ids: StopIdsOpt = None,
     temperature: float = typer.Option(
         None, "--temperature", help="0 = greedy (default: 0, or the preset's)."
     ),
@@ -147,8 +171,8 @@ def generate(
         "--prefill-pool",
         help="Affinity Pooling of speech input: in=TAU_IN,deep=TAU_DEEP@LAYER[,window-in=1,window-deep=3,pos=mean|first]",
     ),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    device: str = typer.Option("cpu", "--device"),
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object: tokens, modalities, exit_layers, stats."
     ),
@@ -256,11 +280,7 @@ def decoding_config(
 @friendly
 def train_heads(
     model: Path = typer.Option(..., "--model", help="Checkpoint directory of the frozen backbone."),
-    preset: str = typer.Option(
-        None,
-        "--preset",
-        help="glm-4-voice | step-audio-2-mini: the model's interleave, ids, stops, decoding.",
-    ),
+    preset: PresetOpt = None,
     data: str = typer.Option(..., "--data", help="JSONL of prompts, a datasets directory, or refslm:train."),
     layers: str = typer.Option("all", "--layers", help="'all', a list like 12,14,16, or a range like 4:12."),
     head: str = typer.Option("tuned-lens", "--head", help="tuned-lens | full"),
@@ -279,19 +299,17 @@ def train_heads(
     max_new_tokens: int = typer.Option(
         200, "--max-new-tokens", help="Length of each pseudo-label generation."
     ),
-    interleave: str = typer.Option(
-        None, "--interleave", help="T:S (default: the model's own, if it has one)."
-    ),
-    fmt: str = typer.Option(None, "--format", help="padded | early-stop"),
-    text_end_id: int = typer.Option(None, "--text-end-id"),
-    speech_ids: str = typer.Option(None, "--speech-ids", help="START:END"),
-    stop_ids: str = typer.Option(None, "--stop-ids"),
+    interleave: InterleaveOpt = None,
+    fmt: FormatOpt = None,
+    text_end_id: TextEndOpt = None,
+    speech_ids: SpeechIdsOpt = None,
+    stop_ids: StopIdsOpt = None,
     work_dir: Path = typer.Option(None, "--work-dir", help="Resume files (default: OUT with .work)."),
     stop_after: int = typer.Option(
         None, "--stop-after", help="Train at most N steps now, checkpoint, exit; rerun to go on."
     ),
-    dtype: str = typer.Option("float32", "--dtype"),
-    device: str = typer.Option("cpu", "--device"),
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Distil exit heads from the frozen model (resumable; runs under `accelerate launch` too)."""
     from .backbone import load_model
@@ -314,7 +332,7 @@ def train_heads(
     cfg = decoding_config(
         model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb, preset=preset
     )
-    prompts = load_prompts(data, model, limit)
+    prompts = load_prompts(data, model, limit, fmt)
     ids = speech_token_set(cfg, bb.vocab_size) if token_set == "speech" else None
     metrics = run_training(
         bb,
@@ -364,22 +382,18 @@ def print_head_metrics(metrics: dict) -> None:
 @friendly
 def layer_report(
     model: Path = typer.Option(..., "--model"),
-    preset: str = typer.Option(
-        None,
-        "--preset",
-        help="glm-4-voice | step-audio-2-mini: the model's interleave, ids, stops, decoding.",
-    ),
+    preset: PresetOpt = None,
     heads: str = typer.Option("logit-lens", "--heads", help="Heads file or 'logit-lens'."),
     data: str = typer.Option(..., "--data", help="JSONL of prompts, a datasets directory, or refslm:test."),
     out: Path = typer.Option(Path("layer-report"), "--out", help="Output directory (JSON, Markdown, PNG)."),
     limit: int = typer.Option(None, "--limit", help="Use the first N prompts only."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
-    interleave: str = typer.Option(None, "--interleave"),
-    fmt: str = typer.Option(None, "--format"),
-    text_end_id: int = typer.Option(None, "--text-end-id"),
-    speech_ids: str = typer.Option(None, "--speech-ids"),
-    stop_ids: str = typer.Option(None, "--stop-ids"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    interleave: InterleaveOpt = None,
+    fmt: FormatOpt = None,
+    text_end_id: TextEndOpt = None,
+    speech_ids: SpeechIdsOpt = None,
+    stop_ids: StopIdsOpt = None,
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Per-layer agreement with the last layer and KL, text and speech steps apart (the paper's Table 1)."""
     from .analysis import run_report
@@ -393,7 +407,7 @@ def layer_report(
     cfg = decoding_config(
         model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb, preset=preset
     )
-    prompts = load_prompts(data, model, limit)
+    prompts = load_prompts(data, model, limit, fmt)
     is_ref = data.startswith("refslm:") and model_defaults(model) is not None
     run_report(bb, exit_heads, prompts, lambda item: for_item(cfg, item), out, is_refslm=is_ref)
     typer.echo((out / "layer_report.md").read_text())
@@ -412,11 +426,7 @@ def _measure_notes(model: Path) -> str:
 @friendly
 def eval_cmd(
     model: Path = typer.Option(..., "--model"),
-    preset: str = typer.Option(
-        None,
-        "--preset",
-        help="glm-4-voice | step-audio-2-mini: the model's interleave, ids, stops, decoding.",
-    ),
+    preset: PresetOpt = None,
     heads: str = typer.Option("logit-lens", "--heads", help="Heads file or 'logit-lens'."),
     data: str = typer.Option(
         ..., "--data", help="JSONL of prompts (with 'accepted' answers), a datasets dir, or refslm:test."
@@ -457,15 +467,13 @@ def eval_cmd(
     ),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore results already in --out instead of resuming."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
-    interleave: str = typer.Option(None, "--interleave"),
-    fmt: str = typer.Option(
-        None, "--format", help="padded | early-stop (the reference SLM: which format to ask for)."
-    ),
-    text_end_id: int = typer.Option(None, "--text-end-id"),
-    speech_ids: str = typer.Option(None, "--speech-ids"),
-    stop_ids: str = typer.Option(None, "--stop-ids"),
-    dtype: str = typer.Option("float32", "--dtype"),
-    device: str = typer.Option("cpu", "--device"),
+    interleave: InterleaveOpt = None,
+    fmt: FormatOpt = None,
+    text_end_id: TextEndOpt = None,
+    speech_ids: SpeechIdsOpt = None,
+    stop_ids: StopIdsOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Decode every example under every policy and write Table 2 (MD/CSV/JSON), plots and report.html."""
     from .backbone import load_model
@@ -490,9 +498,7 @@ def eval_cmd(
     cfg = decoding_config(
         model, interleave, fmt, text_end_id, speech_ids, stop_ids, max_new_tokens, bb=bb, preset=preset
     )
-    prompts = load_prompts(data, model, limit)
-    if fmt and model_defaults(model) is not None:  # the reference SLM: ask for one format only
-        prompts = [p for p in prompts if p.meta.get("format", fmt) == fmt]
+    prompts = load_prompts(data, model, limit, fmt)
     the_judge = plugins.HttpJudge(judge_url, judge_model) if judge_url else plugins.resolve("judge", judge)
     if model_defaults(model) is not None:
         measures = refslm_measures(vocoder=vocoder, asr=asr, mos=mos, judge=the_judge)
@@ -565,7 +571,7 @@ def demo(
     for r in rows:
         parse_policy_checked(r.speech, bb.num_layers)
     cfg = default_config(model, fmt=fmt, max_new_tokens=200)
-    prompts = [p for p in refslm_prompts("test", formats=(fmt,))][:limit]
+    prompts = refslm_prompts("test", formats=(fmt,))[:limit]
     if not prompts:
         raise SparkeeError("--limit must be at least 1")
     if (out / "results.jsonl").exists():  # a demo measures speed in one run: start afresh

@@ -66,13 +66,16 @@ def load_tokenizer(model_dir: str | Path | None):
 
 
 def load_prompts(
-    source: str, model_dir: str | Path | None = None, limit: int | None = None
+    source: str, model_dir: str | Path | None = None, limit: int | None = None, fmt: str | None = None
 ) -> list[PromptItem]:
-    """Read prompts from SOURCE (see the module docstring); an empty or malformed source is refused."""
+    """Read prompts from SOURCE (see the module docstring); an empty or malformed source is refused.
+
+    `fmt` picks one interleave format for sources that hold each prompt in both (refslm:*)."""
     if source.startswith("refslm:"):
         from .presets import refslm_prompts
 
-        items = refslm_prompts(source.split(":", 1)[1])
+        split = source.split(":", 1)[1]
+        items = refslm_prompts(split, formats=(fmt,) if fmt else ("padded", "early-stop"))
     else:
         p = Path(source)
         tokenizer = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -161,30 +160,36 @@ def evaluate_one(run: EvalRun, row: Row, i: int, item: PromptItem) -> dict:
     }
     question = meta.get("question", "")
     rec["text_ok"] = bool(m.judge(question, text, meta))
-    wav = None
-    need_audio = m.vocoder is not None and (i < run.audio_examples or m.mos is not None or m.asr is not None)
-    if need_audio and speech_ids:
-        keep = i < run.audio_examples
-        target = (
-            run.out / "audio" / row.slug / f"{rec['id']}.wav"
-            if keep
-            else Path(tempfile.mkstemp(suffix=".wav")[1])
-        )
-        wav = m.vocoder(speech_ids, target)
-        if wav is not None and keep:
-            rec["audio"] = str(Path(wav).relative_to(run.out))
-    if m.transcriber is not None:
-        rec["speech_transcript"] = m.transcriber(speech_ids)
-    if m.asr is not None and wav is not None:
-        rec["asr_transcript"] = m.asr(wav)
-        rec["asr_ok"] = bool(m.judge(question, rec["asr_transcript"], meta))
-    if "speech_transcript" not in rec:
-        rec["speech_transcript"] = rec.get("asr_transcript", "")
+    rec["speech_transcript"] = m.transcriber(speech_ids) if m.transcriber is not None else ""
     rec["speech_ok"] = bool(m.judge(question, rec["speech_transcript"], meta))
-    if m.mos is not None and wav is not None:
+    keep = i < run.audio_examples
+    measures_audio = m.mos is not None or m.asr is not None
+    if m.vocoder is not None and speech_ids and (keep or measures_audio):
+        folder = "audio" if keep else ".pending-audio"
+        wav = m.vocoder(speech_ids, run.out / folder / row.slug / f"{rec['id']}.wav")
+        if wav is not None:
+            rec["audio" if keep else "pending_wav"] = str(Path(wav).relative_to(run.out))
+            rec["audio_pending"] = measures_audio
+    return rec
+
+
+def audio_measures(run: EvalRun, rec: dict, item: PromptItem) -> dict:
+    """ASR and MOS of a record's vocoded answer. Run after all decoding: their thread pools would
+    otherwise keep the cores busy while the next row is being timed."""
+    m, meta = run.measures, item.meta
+    rec = dict(rec)
+    wav = run.out / (rec.get("audio") or rec["pending_wav"])
+    if m.asr is not None:
+        rec["asr_transcript"] = m.asr(wav)
+        rec["asr_ok"] = bool(m.judge(meta.get("question", ""), rec["asr_transcript"], meta))
+        if m.transcriber is None:  # no token-level transcript: the speech is judged by the ASR
+            rec["speech_transcript"], rec["speech_ok"] = rec["asr_transcript"], rec["asr_ok"]
+    if m.mos is not None:
         rec["mos"] = m.mos(wav)
-    if wav is not None and "audio" not in rec:
-        Path(wav).unlink(missing_ok=True)
+    if "pending_wav" in rec:
+        wav.unlink(missing_ok=True)
+        del rec["pending_wav"]
+    rec["audio_pending"] = False
     return rec
 
 
@@ -236,6 +241,16 @@ def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             done[rec["key"]] = rec
+        pending = [k for k, r in done.items() if r.get("audio_pending") and "error" not in r]
+        for key in tqdm(pending, desc="audio measures", disable=not progress or not pending, unit="clip"):
+            rec = done[key]
+            try:
+                rec = audio_measures(run, rec, run.prompts[rec["example"]])
+            except Exception as e:  # noqa: BLE001 - keep the decode result, record the failure
+                rec = {**rec, "audio_pending": False, "audio_error": f"{type(e).__name__}: {e}"}
+            f.write(json.dumps(rec) + "\n")  # a later line for the same key replaces the earlier one
+            f.flush()
+            done[key] = rec
     run.records = [done[_key(r, i)] for i in range(len(run.prompts)) for r in run.rows if _key(r, i) in done]
     return run.records
 
