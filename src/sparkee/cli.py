@@ -169,7 +169,7 @@ def generate(
     prefill_pool: str = typer.Option(
         None,
         "--prefill-pool",
-        help="Affinity Pooling of speech input: in=TAU_IN,deep=TAU_DEEP@LAYER[,window-in=1,window-deep=3,pos=mean|first]",
+        help="Affinity Pooling of speech input: in=TAU_IN,deep=TAU_DEEP@LAYER[,window-in=1,window-deep=3,pos=first|mean]",
     ),
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
