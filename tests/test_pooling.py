@@ -24,9 +24,10 @@ def cfg(**kw):
 
 def test_parse_pool():
     assert parse_pool("in=0.8,deep=0.7@4") == PoolSpec(0.8, 0.7, 4)
-    assert parse_pool("in=0.9,deep=0.8@3,window-in=2,window-deep=4,pos=first") == PoolSpec(
-        0.9, 0.8, 3, 2, 4, "first"
+    assert parse_pool("in=0.9,deep=0.8@3,window-in=2,window-deep=4,pos=mean") == PoolSpec(
+        0.9, 0.8, 3, 2, 4, "mean"
     )
+    assert parse_pool("in=0.9,deep=0.8@3").position == "first"
     for bad in (
         "in=0.8",
         "deep=0.7@4",
