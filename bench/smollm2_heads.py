@@ -31,7 +31,9 @@ def chitchat_prompts(tokenizer, n: int, skip: int) -> list[dict]:
         if not first:
             continue
         msgs = [{"role": "user", "content": first}]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         out.append({"prompt_ids": [int(t) for t in ids], "text": first})
         if len(out) == n:
             break
@@ -67,7 +69,8 @@ def main() -> None:
         check=True,
     )  # fmt: skip
     subprocess.run(
-        sparkee + ["layer-report", *common, "--data", str(test), "--heads", str(heads), "--out", str(out / "report")],
+        sparkee
+        + ["layer-report", *common, "--data", str(test), "--heads", str(heads), "--out", str(out / "report")],
         check=True,
     )
     rep = json.loads((out / "report" / "layer_report.json").read_text())
