@@ -92,9 +92,6 @@ def parse_ids(text: str | None, what: str) -> list[int]:
         raise SparkeeError(f"{what} must be comma-separated whole numbers, got '{text}'") from None
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-
-
 def encode_prompt(model_dir: Path, prompt: str | None, prompt_ids: str | None) -> list[int]:
     if (prompt is None) == (prompt_ids is None):
         raise SparkeeError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -105,16 +102,11 @@ def encode_prompt(model_dir: Path, prompt: str | None, prompt_ids: str | None) -
         return ids
     if not prompt.strip():
         raise SparkeeError("the prompt is empty: give some text")
-    no_tok = SparkeeError(f"--prompt needs a tokenizer in '{model_dir}'; pass --prompt-ids instead")
-    # transformers 5 builds an empty tokenizer when the files are missing, so look for them first
-    if not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
-        raise no_tok
-    try:
-        from transformers import AutoTokenizer
+    from .sources import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
-    except Exception:  # noqa: BLE001 - any failure means: no usable tokenizer there
-        raise no_tok from None
+    tok = load_tokenizer(model_dir)
+    if tok is None:
+        raise SparkeeError(f"--prompt needs a tokenizer in '{model_dir}'; pass --prompt-ids instead")
     ids = tok(prompt)["input_ids"]
     if not ids:
         raise SparkeeError(f"the prompt '{prompt}' encodes to no tokens with the tokenizer in '{model_dir}'")

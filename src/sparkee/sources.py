@@ -48,14 +48,16 @@ def _from_record(rec: dict, where: str, tokenizer) -> PromptItem:
     raise SparkeeError(f"{where} has none of the keys {', '.join(ID_KEYS + TEXT_KEYS)}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(model_dir: str | Path | None):
+    """The model directory's tokenizer, or None when it has none usable."""
     if model_dir is None:
         return None
     d = Path(model_dir)
-    if not any(
-        (d / f).is_file()
-        for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-    ):
+    # transformers 5 builds an empty tokenizer when the files are missing, so look for them first
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
         from transformers import AutoTokenizer

@@ -110,8 +110,9 @@ class DNSMOS:
 
 def contains_judge(question: str, answer: str, meta: dict) -> bool:
     """True when any of meta['accepted'] appears as whole words in the answer (case-insensitive)."""
-    padded = f" {' '.join(answer.lower().split())} "
-    return any(f" {' '.join(a.lower().split())} " in padded for a in meta.get("accepted", []))
+    from ..refslm.data import contains_answer
+
+    return contains_answer(answer, meta.get("accepted", []))
 
 
 class HttpJudge:

@@ -575,7 +575,7 @@ def speech_units_from_tokens(ids: Sequence[int], vocab: RefVocab) -> list[int]:
 def contains_answer(text: str, accepted: Sequence[str]) -> bool:
     """The contains-the-answer judge: any accepted string appears as whole words in ``text``."""
     padded = f" {' '.join(text.lower().split())} "
-    return any(f" {a.lower().strip()} " in padded for a in accepted)
+    return any(f" {' '.join(a.lower().split())} " in padded for a in accepted)
 
 
 def build_assets(seed: int = 1234) -> None:
