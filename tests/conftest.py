@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -16,6 +18,12 @@ from transformers import (
 from sparkee import wrap_model
 
 ARCHS = ("qwen2", "llama", "glm")
+
+# Tiny models gain nothing from a second thread, and an OpenMP barrier waiting on a descheduled
+# thread turns a 20 us product into milliseconds when the machine is busy: one thread keeps test
+# times steady. Tests never measure decode costs unless they ask for it (SPARKEE_NO_CALIBRATE).
+torch.set_num_threads(1)
+os.environ.setdefault("SPARKEE_NO_CALIBRATE", "1")
 
 
 def tiny_model(arch: str = "qwen2", layers: int = 6, hidden: int = 32, vocab: int = 96, seed: int = 0):

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from sparkee import GenerationConfig, SparkeeError, generate, load_model
 from sparkee.models.cli import app as convert_app
-from sparkee.models.convert import convert_glm4_voice, convert_step_audio2
+from sparkee.models.convert import convert_glm4_voice, convert_step_audio2, parse_set
 
 IDS = [3, 17, 42, 8, 25, 61, 9]
 QUIET = lambda m: None  # noqa: E731
@@ -261,8 +261,14 @@ def test_glm_output_is_sharded_with_an_index_and_tokenizer_files(glm_dst):
     assert (dst / "tokenizer.model").is_file() and (dst / "tokenizer_config.json").is_file()
     assert not (dst / "modeling_chatglm.py").exists()
     assert sorted(report["copied_files"]) == ["tokenizer.model", "tokenizer_config.json"]
+    assert (
+        report["not_carried"] == ["modeling_chatglm.py"]
+        and "`modeling_chatglm.py`" in (dst / "README.md").read_text()
+    )
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["architectures"] == ["GlmForCausalLM"] and cfg["model_type"] == "glm"
+    gen = json.loads((dst / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [1, 2] and gen["pad_token_id"] == 1 and not gen.get("do_sample")
 
 
 @pytest.mark.parametrize("fmt", ["bin", "single-bin"])
@@ -338,6 +344,14 @@ STEP_LLM = {
 }
 
 
+STEP_EOT = 6  # <|EOT|> in the tiny tokenizer; the base config's eos (5) must not be used
+STEP_EXTRA = {
+    "tokenizer.json": json.dumps(
+        {"added_tokens": [{"id": STEP_EOT, "content": "<|EOT|>"}, {"id": 7, "content": "<tts_pad>"}]}
+    )
+}
+
+
 def step_weights(llm, seed=0):
     g = torch.Generator().manual_seed(seed)
     H, F, V = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
@@ -378,19 +392,20 @@ def test_step_audio2_language_model_matches_qwen2_equations(layout, tmp_path, ca
         cfg = {"model_type": "step_audio_2", **STEP_LLM}
     else:
         cfg = {"model_type": "step_audio_2", layout: STEP_LLM, "audio_encoder_config": {"n_mels": 4}}
-    src = write_shards(
-        tmp_path / "src", {**w, **audio}, cfg=cfg, extra={"tokenizer.json": "{}", "merges.txt": ""}
-    )
+    src = write_shards(tmp_path / "src", {**w, **audio}, cfg=cfg, extra={**STEP_EXTRA, "merges.txt": ""})
     (src / "token2wav").mkdir()
+    (src / "token2wav" / "flow.yaml").write_text("flow: {}")
     report = convert_step_audio2(src, tmp_path / "dst")
     printed = capsys.readouterr().out
     assert "dropped 6 audio tensors" in printed and "adapter.linear1.weight" in printed
     assert report["dropped_count"] == 6 and sorted(report["dropped"]) == sorted(audio)
     assert report["dropped_by_prefix"] == {"adapter": 3, "encoder": 3}
-    assert report["skipped"] == ["token2wav/"] and sorted(report["copied_files"]) == [
+    assert report["assets"] == ["token2wav/"] and sorted(report["copied_files"]) == [
         "merges.txt",
         "tokenizer.json",
     ]
+    assert (tmp_path / "dst" / "token2wav" / "flow.yaml").read_text() == "flow: {}"
+    assert not (tmp_path / "dst" / "token2wav").is_symlink()
     model = hf_load(tmp_path / "dst")
     assert type(model).__name__ == "Qwen2ForCausalLM"
     c = model.config
@@ -402,11 +417,17 @@ def test_step_audio2_language_model_matches_qwen2_equations(layout, tmp_path, ca
 def test_step_audio2_generation_and_bad_inputs(tmp_path):
     w, audio = step_weights(STEP_LLM, seed=3)
     cfg = {"text_config": STEP_LLM}
-    src = write_shards(tmp_path / "src", {**w, **audio}, fmt="bin", cfg=cfg)
+    src = write_shards(tmp_path / "src", {**w, **audio}, fmt="bin", cfg=cfg, extra=STEP_EXTRA)
     convert_step_audio2(src, tmp_path / "dst", log=QUIET)
     model = hf_load(tmp_path / "dst")
+    # the converted generation_config.json asks for the official repetition penalty: switch it off
     out = model.generate(
-        torch.tensor([IDS]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=5
+        torch.tensor([IDS]),
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=5,
+        repetition_penalty=1.0,
     )
     res = generate(load_model(tmp_path / "dst"), IDS, GenerationConfig(max_new_tokens=10))
     assert res.tokens == out[0, len(IDS) :].tolist()
@@ -415,10 +436,11 @@ def test_step_audio2_generation_and_bad_inputs(tmp_path):
         write_shards(tmp_path / "nollm", w, cfg={"audio_encoder_config": {}})
         convert_step_audio2(tmp_path / "nollm", tmp_path / "o1", log=QUIET)
     with pytest.raises(SparkeeError, match="not part of the Step-Audio-2 layout"):
-        write_shards(tmp_path / "odd", {**w, "vision.proj.weight": torch.zeros(2)}, cfg=cfg)
+        write_shards(tmp_path / "odd", {**w, "vision.proj.weight": torch.zeros(2)}, cfg=cfg, extra=STEP_EXTRA)
         convert_step_audio2(tmp_path / "odd", tmp_path / "o2", log=QUIET)
     with pytest.raises(SparkeeError, match="lacks tensor 'lm_head.weight'"):
-        write_shards(tmp_path / "nohead", {k: v for k, v in w.items() if k != "lm_head.weight"}, cfg=cfg)
+        nohead = {k: v for k, v in w.items() if k != "lm_head.weight"}
+        write_shards(tmp_path / "nohead", nohead, cfg=cfg, extra=STEP_EXTRA)
         convert_step_audio2(tmp_path / "nohead", tmp_path / "o3", log=QUIET)
 
 
@@ -448,3 +470,223 @@ def test_convert_app_mounts_as_sparkee_convert():
     root.add_typer(convert_app, name="convert")
     res = runner.invoke(root, ["convert", "--help"])
     assert res.exit_code == 0 and "glm-4-voice" in res.output and "step-audio-2-mini" in res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# EOS and generation_config.json, assets and README, refusals, atomic output
+
+
+def step_src(tmp_path, name="src", fmt="safetensors", extra=None, cfg=None, seed=3):
+    w, audio = step_weights(STEP_LLM, seed=seed)
+    return write_shards(
+        tmp_path / name,
+        {**w, **audio},
+        fmt=fmt,
+        cfg=cfg or {"text_config": STEP_LLM},
+        extra=extra or STEP_EXTRA,
+    )
+
+
+def test_step_eos_is_eot_with_the_official_sampling_and_hf_generate_stops_there(tmp_path):
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    src = step_src(tmp_path)
+    convert_step_audio2(src, tmp_path / "a", log=QUIET)
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["eos_token_id"] == [STEP_EOT]  # not the base model's 5
+    gen = HFGenerationConfig.from_pretrained(tmp_path / "a")
+    assert gen.eos_token_id == [STEP_EOT] and gen.do_sample
+    assert (gen.temperature, gen.top_p, gen.repetition_penalty) == (0.7, 0.9, 1.05)
+    assert (
+        "EOS [6], do_sample True, temperature 0.7, top_p 0.9, repetition_penalty 1.05"
+        in (tmp_path / "a" / "README.md").read_text()
+    )
+    # transformers' own generate stops at the converted EOS: pick as EOS a token the greedy
+    # continuation emits, convert again with it (--eos-ids), and generate with the saved config
+    model = hf_load(tmp_path / "a")
+    free = model.generate(
+        torch.tensor([IDS]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=5
+    )
+    free = free[0, len(IDS) :].tolist()
+    eos = free[3]
+    convert_step_audio2(src, tmp_path / "b", log=QUIET, eos_ids=[eos])
+    model = hf_load(tmp_path / "b")
+    assert model.generation_config.eos_token_id == [eos]
+    out = model.generate(torch.tensor([IDS]), max_new_tokens=12, do_sample=False)[0, len(IDS) :].tolist()
+    assert out == free[: free.index(eos) + 1]
+
+
+def test_step_without_eot_in_the_tokenizer_files_is_refused(tmp_path):
+    src = step_src(tmp_path, extra={"tokenizer.json": "{}"})
+    with pytest.raises(SparkeeError, match=r"do not list <\|EOT\|>.*pass --eos-ids") as e:
+        convert_step_audio2(src, tmp_path / "o", log=QUIET)
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+
+
+def test_glm_eos_from_the_tokenizer_files_and_generation_config_carried(tmp_path):
+    w = glm_weights(GLM_CFG)
+    cfg = {k: v for k, v in GLM_CFG.items() if k not in ("eos_token_id", "pad_token_id")}
+    tc = {"added_tokens_decoder": {"9": {"content": "<|endoftext|>"}, "10": {"content": "<|user|>"}}}
+    src = write_shards(tmp_path / "src", w, cfg=cfg, extra={"tokenizer_config.json": json.dumps(tc)})
+    with pytest.raises(SparkeeError, match=r"lacks eos_token_id and the tokenizer files do not list"):
+        convert_glm4_voice(src, tmp_path / "o1", log=QUIET)
+    tc["added_tokens_decoder"]["11"] = {"content": "<|observation|>"}
+    (src / "tokenizer_config.json").write_text(json.dumps(tc))
+    (src / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.8, "top_p": 0.8})
+    )
+    report = convert_glm4_voice(src, tmp_path / "o2", log=QUIET)
+    gen = json.loads((tmp_path / "o2" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [9, 10, 11] == report["eos_token_id"] and gen["pad_token_id"] == 9
+    assert (gen["do_sample"], gen["temperature"], gen["top_p"]) == (True, 0.8, 0.8)
+
+
+@pytest.mark.parametrize(
+    "model, drop, key",
+    [
+        ("glm", "rope_ratio", "rope_ratio"),
+        ("glm", "seq_length", "seq_length"),
+        ("step", "rope_theta", "rope_theta"),
+        ("step", "max_seq_len", "max_seq_len"),
+        ("step", "rms_norm_eps", "rms_norm_eps"),
+        ("step", "num_key_value_heads", "num_key_value_heads"),
+    ],
+)
+def test_missing_rope_context_or_norm_fields_are_refused_not_guessed(model, drop, key, tmp_path):
+    if model == "glm":
+        cfg = {k: v for k, v in GLM_CFG.items() if k != drop}
+        src = write_shards(tmp_path / "src", glm_weights(GLM_CFG), cfg=cfg)
+        fn, good = convert_glm4_voice, GLM_CFG[drop]
+    else:
+        llm = {k: v for k, v in STEP_LLM.items() if k not in (drop, "num_attention_groups")}
+        src = step_src(tmp_path, cfg={"text_config": llm})
+        fn, good = convert_step_audio2, STEP_LLM[drop]
+    with pytest.raises(SparkeeError, match=rf"lacks {key}, so .* is unknown: pass --set {key}=VALUE") as e:
+        fn(src, tmp_path / "o", log=QUIET)
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+    # the value given by hand is used as given
+    report = fn(src, tmp_path / "o", log=QUIET, set_config={key: good})
+    assert report["tensors_out"] > 0 and (tmp_path / "o" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("mode", ["copy", "link"])
+def test_non_lm_assets_are_carried_and_named_in_the_readme(mode, tmp_path):
+    extra = {**STEP_EXTRA, "README.md": "# the model card", "LICENSE": "Apache", ".gitattributes": "*"}
+    src = step_src(tmp_path, extra=extra)
+    (src / "modeling_step_audio_2.py").write_text("# remote code")
+    (src / "token2wav").mkdir()
+    (src / "token2wav" / "hift.pt").write_bytes(b"vocoder")
+    (src / ".cache").mkdir()
+    (src / "pytorch_model.bin").write_bytes(b"the same weights again")  # not converted, not carried
+    (src / "campplus.onnx").write_bytes(b"speaker model")  # not LM weights: an asset
+    report = convert_step_audio2(src, tmp_path / "dst", log=QUIET, assets=mode)
+    dst = tmp_path / "dst"
+    assert report["assets"] == ["LICENSE", "SOURCE_README.md", "campplus.onnx", "token2wav/"]
+    assert report["assets_mode"] == mode and report["unused_weights"] == ["pytorch_model.bin"]
+    assert not (dst / "pytorch_model.bin").exists()
+    assert (dst / "token2wav" / "hift.pt").read_bytes() == b"vocoder"
+    assert (dst / "token2wav").is_symlink() == (mode == "link") == (dst / "LICENSE").is_symlink()
+    assert (dst / "SOURCE_README.md").read_text() == "# the model card"
+    assert not (dst / ".gitattributes").exists() and not (dst / ".cache").exists()
+    readme = (dst / "README.md").read_text()
+    verb = "symlinked to the source" if mode == "link" else "copied"
+    assert f"`token2wav/` ({verb}): Step-Audio-2's speech decoder" in readme
+    assert "`modeling_step_audio_2.py`" in readme and "dropped 6 tensors" in readme
+    assert "`pytorch_model.bin` (another copy of the language model's weights" in readme
+    assert "`tokenizer.json`" in readme and "EOS [6]" in readme
+
+
+def truncate(f, keep=0.5):
+    data = f.read_bytes()
+    f.write_bytes(data[: int(len(data) * keep)])
+    return data
+
+
+def leftovers(parent, name):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.partial"))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_truncated_shard_is_one_sentence_and_a_retry_succeeds(fmt, tmp_path):
+    src = step_src(tmp_path, fmt=fmt)
+    shard = sorted(src.glob(f"*-00002-of-00002.{fmt}"))[0]
+    data = truncate(shard)
+    with pytest.raises(SparkeeError, match=rf"weight shard '.*{shard.name}' is truncated or corrupt") as e:
+        convert_step_audio2(src, tmp_path / "dst", log=QUIET)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "dst").exists() and leftovers(tmp_path, "dst") == []
+    shard.write_bytes(data)  # the re-download
+    report = convert_step_audio2(src, tmp_path / "dst", log=QUIET)
+    assert report["shards"] == 2 and leftovers(tmp_path, "dst") == []
+
+
+def test_a_failure_after_writing_leaves_nothing_behind(tmp_path):
+    # .bin shards without an index hold their names only once loaded: the unknown tensor (sorted
+    # last, so in the second shard) is found after the first shard was converted and written
+    w, audio = step_weights(STEP_LLM)
+    src = write_shards(
+        tmp_path / "src",
+        {**w, **audio, "vision.x": torch.zeros(1)},
+        fmt="bin",
+        cfg={"text_config": STEP_LLM},
+        extra=STEP_EXTRA,
+    )
+    (src / "pytorch_model.bin.index.json").unlink()
+    (tmp_path / "dst").mkdir()  # an empty destination directory is allowed and survives a failure
+    written = []
+    with pytest.raises(SparkeeError, match="'vision.x' is not part of the Step-Audio-2 layout"):
+        convert_step_audio2(src, tmp_path / "dst", log=written.append)
+    assert len(written) == 1 and written[0].startswith("pytorch_model-00001-of-00002.bin: ")
+    assert list((tmp_path / "dst").iterdir()) == [] and leftovers(tmp_path, "dst") == []
+
+
+def test_destinations_that_would_mix_outputs_are_refused(tmp_path):
+    src = step_src(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(SparkeeError, match="destination '.*full' is not empty"):
+        convert_step_audio2(src, tmp_path / "full", log=QUIET)
+    with pytest.raises(SparkeeError, match="must not lie inside the source"):
+        convert_step_audio2(src, src / "out", log=QUIET)
+    with pytest.raises(SparkeeError, match="unknown asset mode 'move'"):
+        convert_step_audio2(src, tmp_path / "o", log=QUIET, assets="move")
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+def test_parse_set_reads_json_values():
+    assert parse_set(["rope_theta=1000000", "name=x", "eos_token_id=[1, 2]"]) == {
+        "rope_theta": 1000000,
+        "name": "x",
+        "eos_token_id": [1, 2],
+    }
+    with pytest.raises(SparkeeError, match="--set takes KEY=VALUE"):
+        parse_set(["rope_theta"])
+
+
+def test_convert_cli_options(tmp_path):
+    src = step_src(tmp_path, extra={"tokenizer.json": "{}"})
+    (src / "token2wav").mkdir()
+    res = runner.invoke(convert_app, ["step-audio-2-mini", str(src), str(tmp_path / "o")])
+    assert res.exit_code == 2 and "pass --eos-ids" in res.output
+    res = runner.invoke(convert_app, ["step-audio-2-mini", str(src), str(tmp_path / "o"), "--eos-ids", "x"])
+    assert res.exit_code == 2 and "--eos-ids must be comma-separated whole numbers" in res.output
+    res = runner.invoke(
+        convert_app,
+        [
+            "step-audio-2-mini",
+            str(src),
+            str(tmp_path / "o"),
+            "--eos-ids",
+            "6",
+            "--assets",
+            "link",
+            "--set",
+            "rope_theta=500000",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "EOS [6]" in res.stdout and "linked assets token2wav/" in res.stdout
+    assert (tmp_path / "o" / "token2wav").is_symlink()
+    assert (
+        json.loads((tmp_path / "o" / "config.json").read_text())["rope_parameters"]["rope_theta"] == 500000.0
+    )

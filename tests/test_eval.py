@@ -11,9 +11,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from typer.testing import CliRunner
 
+from conftest import tiny_model
+from sparkee import ExitHeads, wrap_model
 from sparkee.cli import app
 from sparkee.errors import SparkeeError
-from sparkee.eval.harness import Row, parse_rows
+from sparkee.eval.harness import Row, parse_rows, summarize
 
 runner = CliRunner()
 DECODE = ["--interleave", "2:4", "--speech-ids", "40:80", "--max-new-tokens", "18", "--stop-ids", "1"]
@@ -46,6 +48,10 @@ def test_parse_rows_adds_full_text_rows_and_sweeps():
     assert parse_rows("confidence:4:0.5", sweep="2:3", num_layers=6)[-1].speech == "confidence:2:0.5"
     with pytest.raises(SparkeeError, match="out of range"):
         parse_rows("fixed:9", num_layers=6)
+    with pytest.raises(SparkeeError, match="needs A < B"):
+        parse_rows("fixed:4", sweep="3:1", num_layers=6)
+    with pytest.raises(SparkeeError, match="needs A < B"):
+        parse_rows("fixed:4", sweep="3:3", num_layers=6)
 
 
 def test_eval_writes_table_plots_report_and_resumes(qwen_dir, data, tmp_path):
@@ -55,14 +61,26 @@ def test_eval_writes_table_plots_report_and_resumes(qwen_dir, data, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [s["policy"] for s in summary] == ["full", "fixed:3", "spar-k:even:3"]
     full = summary[0]
-    assert full["speedup"] == pytest.approx(1.0)
-    assert isinstance(full["wer"], float)
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    by_row = {row: [r for r in recs if r["row"] == row] for row in ("full", "fixed:3", "spar-k:even:3")}
+    # measured speed-up: summed wall time of the full row over that of the row, example by example
+    wall = {row: sum(r["wall_s"] for r in rs) for row, rs in by_row.items()}
+    assert summary[1]["speedup"] == pytest.approx(wall["full"] / wall["fixed:3"])
+    # alignment WER: the speech transcripts against the row's own text (jiwer, non-empty texts)
+    import jiwer
+
+    pairs = [(r["text"], r["speech_transcript"]) for r in by_row["fixed:3"] if r["text"].strip()]
+    assert summary[1]["wer"] == pytest.approx(jiwer.wer([a for a, _ in pairs], [b for _, b in pairs]))
+    # accuracy: the contains judge (accepted answer as whole words) on each transcript, averaged
+    accepted = {0: "s45", 1: "nothing", 2: "s50"}
+    for r in recs:
+        assert r["speech_ok"] is (accepted[r["example"]] in r["speech_transcript"].split())
+    assert full["accuracy_speech"] == pytest.approx(sum(r["speech_ok"] for r in by_row["full"]) / 3)
     assert full["avg_exit_layer_speech"] == 6 and full["speech_depth_reduction_pct"] == 0
     assert summary[1]["avg_exit_layer_speech"] == 3.0  # fixed exit: every speech step at 3
     assert 3 < summary[2]["avg_exit_layer_speech"] < 6
     for s in summary:
         assert s["n"] == 3 and s["errors"] == 0
-        assert 0 <= s["accuracy_speech"] <= 1 and 0 <= s["accuracy_text"] <= 1
     for f in (
         "table.md",
         "table.csv",
@@ -208,3 +226,129 @@ def test_waveform_asr_and_mos_run_after_decoding(qwen_dir, data, tmp_path):
     assert not (out / ".pending-audio").exists() or not list((out / ".pending-audio").rglob("*.wav"))
     summary = json.loads((out / "summary.json").read_text())
     assert all(s["n"] == 3 and s["mos"] is not None and s["accuracy_asr"] is not None for s in summary)
+
+
+def test_resume_refuses_other_settings_and_fresh_starts_over(qwen_dir, data, tmp_path):
+    out = tmp_path / "ev"
+    assert run_eval(qwen_dir, data, out, "--policies", "full").exit_code == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest) >= {"model", "heads", "data", "decoding", "verify", "measures", "code"}
+    # the same settings resume (nothing to redo); other decoding, heads or data are refused
+    assert run_eval(qwen_dir, data, out, "--policies", "full").exit_code == 0
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text(json.dumps({"prompt_ids": [9, 9], "accepted": ["x"]}) + "\n")
+    heads = ExitHeads(wrap_model(tiny_model("qwen2")), "tuned-lens", [3]).save(tmp_path / "h.safetensors")
+    for extra, what in (
+        (["--max-new-tokens", "12"], "decoding"),  # a later option replaces DECODE's
+        (["--heads", str(heads)], "heads"),
+        (["--verify"], "verify"),
+        (["--judge-url", "http://127.0.0.1:9/v1"], "measures"),
+    ):
+        res = run_eval(qwen_dir, data, out, "--policies", "full", *extra)
+        assert res.exit_code == 2, (what, res.output)
+        assert f"other settings ({what})" in res.stderr and "--fresh" in res.stderr
+    res = run_eval(qwen_dir, other_data, out, "--policies", "full")
+    assert res.exit_code == 2 and "other settings (data)" in res.stderr
+    # --limit takes a prefix of the same data: that resumes
+    assert run_eval(qwen_dir, data, out, "--policies", "full", "--limit", "2").exit_code == 0
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    res = run_eval(qwen_dir, data, out, "--policies", "full", "--max-new-tokens", "12", "--fresh")
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(len(r["tokens"]) <= 12 for r in recs)
+    res = run_eval(qwen_dir, data, tmp_path / "h.safetensors", "--policies", "full")
+    assert res.exit_code == 2 and "is a file" in res.stderr
+
+
+def test_failures_are_counted_retried_and_a_dead_row_exits_1(qwen_dir, data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt_ids": [5000], "accepted": ["x"]}) + "\n")
+    out = tmp_path / "ev"
+    res = run_eval(qwen_dir, bad, out, "--policies", "full")
+    assert res.exit_code == 1
+    assert "1 of 1 runs failed" in res.stderr and "outside the vocabulary" in res.stderr
+    assert "every example failed in row 'full'" in res.stderr
+    # a rerun tries the failed example again (a second error line), and still fails
+    assert run_eval(qwen_dir, bad, out, "--policies", "full").exit_code == 1
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_torn_last_line_is_dropped_and_redone(qwen_dir, data, tmp_path):
+    out = tmp_path / "ev"
+    assert run_eval(qwen_dir, data, out, "--policies", "full").exit_code == 0
+    path = out / "results.jsonl"
+    whole = path.read_text()
+    path.write_text(whole[: len(whole) - 40])  # a kill in the middle of the last line
+    assert run_eval(qwen_dir, data, out, "--policies", "full").exit_code == 0
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and all(isinstance(json.loads(x), dict) for x in lines)
+    assert lines[:2] == whole.splitlines()[:2]
+
+
+@pytest.mark.parametrize("line", ["[5, 7]", "5", '"text"', "null"])
+def test_a_jsonl_line_that_is_not_an_object_is_refused(qwen_dir, tmp_path, line):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt_ids": [5, 7]}) + "\n" + line + "\n")
+    res = run_eval(qwen_dir, bad, tmp_path / "ev", "--policies", "full")
+    assert res.exit_code == 2 and "line 2 of" in res.stderr and "is not a JSON object" in res.stderr
+
+
+def test_data_without_answers_scores_n_a(qwen_dir, tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in ([5, 7], [9, 3])))
+    out = tmp_path / "ev"
+    assert run_eval(qwen_dir, plain, out, "--policies", "full").exit_code == 0
+    s = json.loads((out / "summary.json").read_text())[0]
+    assert s["accuracy_text"] is None and s["accuracy_speech"] is None
+    assert "| n/a | n/a |" in (out / "table.md").read_text()
+
+
+def _record(example: int, layers: list[int], modalities: str, agreement: float | None) -> dict:
+    return {
+        "row": "fixed:3",
+        "example": example,
+        "exit_layers": layers,
+        "modalities": list(modalities),
+        "tokens": [1] * len(layers),
+        "text": "a b",
+        "speech_transcript": "a b",
+        "text_ok": None,
+        "speech_ok": None,
+        "wall_s": 1.0,
+        "stats": {
+            "speech_agreement": agreement,
+            "early_steps": sum(layer < 6 for layer in layers),
+            "flops": 1.0,
+            "flops_full_estimate": 1.0,
+            "weight_reads": 1.0,
+            "weight_reads_full_estimate": 1.0,
+            "verify_rejections": 0,
+            "prefill_flops": 1.0,
+            "kv_bytes": 1,
+            "prefill_s": 0.1,
+            "prompt_len_last_layer": 2,
+        },
+    }
+
+
+def test_speech_agreement_is_weighted_by_early_speech_steps():
+    # example 0: one early speech step (agreement 0) and four early text steps; example 1: two
+    # early speech steps, both agreeing. Over early speech steps that is 2 of 3.
+    recs = [
+        _record(0, [3, 3, 3, 3, 3], "tttts", 0.0),
+        _record(1, [3, 3, 6], "sst", 1.0),
+    ]
+    (line,) = summarize(recs, [Row("full", "fixed:3")], num_layers=6)
+    assert line["speech_agreement"] == pytest.approx(2 / 3)
+
+
+def test_wer_leaves_out_answers_without_text():
+    recs = [_record(0, [6, 6], "ts", None), _record(1, [6, 6], "ts", None)]
+    recs[0]["text"], recs[0]["speech_transcript"] = "", "s1 s2 s3 s4"  # nothing to align against
+    recs[1]["speech_transcript"] = "a c"
+    (line,) = summarize(recs, [Row("full", "fixed:3")], num_layers=6)
+    assert line["wer"] == pytest.approx(0.5)
+    recs = [recs[0]]
+    assert summarize(recs, [Row("full", "fixed:3")], num_layers=6)[0]["wer"] is None

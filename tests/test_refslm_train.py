@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from sparkee.refslm.train import lr_at, train
+import torch
+
+from sparkee.refslm.train import lr_schedule, train
 
 
 def test_tiny_train_and_resume(tmp_path):
@@ -32,7 +34,17 @@ def test_tiny_train_and_resume(tmp_path):
     assert rep2["training"]["steps"] == 5  # resumed from step 3
 
 
-def test_lr_schedule():
-    assert lr_at(0, 100, 1.0, 10) < lr_at(9, 100, 1.0, 10) <= 1.0
-    assert abs(lr_at(100, 100, 1.0, 10) - 0.05) < 1e-9
-    assert lr_at(50, 100, 1.0, 10) > lr_at(80, 100, 1.0, 10)
+def test_lr_schedule_is_transformers_cosine_to_5_percent():
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    f = lr_schedule(100, 10)
+    assert f(0) == 0.0 and f(5) == 0.5 and f(10) == 1.0  # linear warm-up
+    assert abs(f(100) - 0.05) < 1e-12 and f(250) == f(100)  # ends at 5% and stays there
+    assert f(40) > f(60) > f(80)
+    # the factor at step k is what a scheduler stepped k times gives: resumes follow the schedule
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, 10, 100, min_lr_rate=0.05)
+    for k in range(100):
+        assert abs(opt.param_groups[0]["lr"] - 2.0 * f(k)) < 1e-12, k
+        opt.step()
+        sched.step()

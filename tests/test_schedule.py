@@ -124,3 +124,99 @@ def test_bad_interleave_inputs():
         Interleave(1, 2, format="zigzag")
     with pytest.raises(SparkeeError, match="at least one step"):
         Interleave(0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the auto format: the ratio predicts, the produced tokens correct
+
+
+def _run_tracker(il, kinds):
+    state, planned = TrackerState(), []
+    for k in kinds:
+        m = next_modality(il, state)
+        planned.append(m)
+        state = advance(il, state, m, token=500 if k == "speech" else 7, kind=k)
+    return planned, state
+
+
+@given(st.integers(1, 5), st.integers(1, 8), st.integers(1, 80))
+def test_auto_equals_padded_when_the_model_keeps_the_ratio(t, s, n):
+    padded, _ = _run_tracker(Interleave(t, s), ["text"] * n)  # kinds ignored by padded
+    kinds = padded  # a model that emits exactly what the ratio says
+    auto, _ = _run_tracker(Interleave(t, s, format="auto"), kinds)
+    assert auto == padded
+
+
+@given(
+    st.integers(1, 5),
+    st.integers(1, 8),
+    st.lists(st.sampled_from(["text", "speech", "control"]), min_size=1, max_size=80),
+)
+def test_auto_corrects_the_plan_from_produced_tokens(t, s, kinds):
+    il = Interleave(t, s, format="auto")
+    planned, _ = _run_tracker(il, kinds)
+    for i in range(len(kinds) - 1):
+        if planned[i] == "text" and kinds[i] == "speech":
+            # the text has ended: speech until the model produces text again
+            j = i + 1
+            while j < len(kinds) and kinds[j - 1] != "text":
+                assert planned[j] == "speech"
+                j += 1
+        if planned[i] == "speech" and kinds[i] == "text":
+            # re-synchronised: that step was the first text slot of a cycle
+            assert planned[i + 1] == ("text" if t >= 2 else "speech")
+
+
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(0, 20), st.integers(1, 40))
+def test_text_end_tokens_keep_the_slots_ratio(t, s, end_at, tail):
+    """Step-Audio-2: after its text, the model fills text slots with <tts_pad>; the ratio goes on."""
+    il = Interleave(t, s, format="auto", text_end_ids=(99,))
+    state, planned = TrackerState(), []
+    ended = False
+    for i in range(end_at + tail):
+        m = next_modality(il, state)
+        planned.append(m)
+        tok = 99 if m == "text" and (ended or i >= end_at) else (500 if m == "speech" else 7)
+        ended |= tok == 99
+        state = advance(il, state, m, tok, kind="text" if m == "text" else "speech")
+    padded, _ = _run_tracker(Interleave(t, s), ["text"] * len(planned))
+    assert planned == padded
+    assert state.padding == ended
+
+
+def test_auto_needs_the_speech_range():
+    bb = wrap_model(tiny_model("llama", layers=2, hidden=16, vocab=64))
+    with pytest.raises(SparkeeError, match="auto interleave format needs the speech token range"):
+        generate(bb, [3, 4], GenerationConfig(interleave=Interleave(1, 2, format="auto")))
+
+
+def test_scripted_model_irregular_chunks_each_format_misplans():
+    """A model scripted to emit text 4 : speech 8 with irregular chunks, then speech only after its
+    text ends: padded keeps planning text slots, auto follows what the model emits."""
+    from sparkee.scripted import scripted_model
+
+    text = iter(range(1, 40))
+    speech = iter(range(40, 100))
+    script = [next(text)]
+    for n_text, n_speech in [(3, 8), (3, 9), (4, 8), (0, 20)]:  # irregular, then the text ends
+        script += [next(text) for _ in range(n_text)] + [next(speech) for _ in range(n_speech)]
+    script.append(0)  # stop
+    bb = wrap_model(scripted_model(script, 100))
+    misplanned = {}
+    for fmt in ("padded", "early-stop", "auto"):
+        # early-stop knows the last text token (11); GLM-4-Voice has no such token, auto needs none
+        il = Interleave(4, 8, format=fmt, text_end_id=11 if fmt == "early-stop" else None)
+        cfg = GenerationConfig(
+            max_new_tokens=len(script),
+            interleave=il,
+            speech_ids=(40, 100),
+            stop_ids=[0],
+            speech_policy="spar-k:even:2",
+        )
+        res = generate(bb, script[:1], cfg)
+        assert res.tokens == script[1:]  # the plan changes depths, never tokens (every layer agrees)
+        misplanned[fmt] = res.stats["misplanned_steps"]
+    assert misplanned["auto"] < misplanned["padded"]
+    # padded: steps 3, 11, 14, 15, 23, 27, then 8 text slots after the text ended; auto: 3, 11, 14,
+    # 23 and the first text slot after the end (worked by hand)
+    assert misplanned == {"padded": 14, "early-stop": 5, "auto": 5}

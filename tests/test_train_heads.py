@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from sparkee import ExitHeads, load_heads, wrap_model
 from sparkee.cli import app
 from sparkee.errors import SparkeeError
+from sparkee.heads import read_metadata
 from sparkee.train_heads import parse_layers
 
 runner = CliRunner()
@@ -116,7 +117,69 @@ def test_bad_train_head_arguments(qwen_dir, prompts, tmp_path):
     res = train(qwen_dir, prompts, tmp_path / "h.safetensors", "--head", "logit-lens")
     assert res.exit_code == 2 and "needs no training" in res.stderr
     res = train(qwen_dir, prompts, tmp_path / "h.bin")
-    assert res.exit_code == 2 and "must end in .safetensors" in res.stderr
+    assert res.exit_code == 2 and "must name a .safetensors file" in res.stderr
+    (tmp_path / "d.safetensors").mkdir()
+    res = train(qwen_dir, prompts, tmp_path / "d.safetensors")
+    assert res.exit_code == 2 and "must name a .safetensors file" in res.stderr
+    (tmp_path / "h.work").write_text("not a directory")
+    res = train(qwen_dir, prompts, tmp_path / "h.safetensors", "--steps", "1")
+    assert res.exit_code == 2 and "is a file" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--steps", "-3"], "--steps must be at least 1"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--val-fraction", "-1"], "--val-fraction must be between 0 and 1"),
+        (["--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--limit", "0"], "--limit must be at least 1"),
+        (["--limit", "-1"], "--limit must be at least 1"),
+        (["--stop-after", "0"], "--stop-after must be at least 1"),
+    ],
+)
+def test_numbers_that_cannot_describe_a_run_are_refused(qwen_dir, prompts, tmp_path, args, message):
+    res = train(qwen_dir, prompts, tmp_path / "h.safetensors", *args)
+    assert res.exit_code == 2 and message in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "h.work").exists()
+
+
+def _same_heads(a, b) -> bool:
+    from conftest import tiny_model
+
+    bb = wrap_model(tiny_model("qwen2"))
+    ha, hb = load_heads(a, bb), load_heads(b, bb)
+    h = torch.randn(3, bb.hidden_size)
+    return ha.layers == hb.layers and all(torch.allclose(ha(L, h), hb(L, h), atol=1e-5) for L in ha.layers)
+
+
+def test_resume_never_reuses_work_made_with_other_settings(qwen_dir, prompts, tmp_path):
+    def straight(name, *extra):
+        out = tmp_path / "straight" / name
+        assert train(qwen_dir, prompts, out, "--layers", "2,4", *extra).exit_code == 0
+        return out
+
+    out = tmp_path / "h.safetensors"
+    # a lower --steps after a finished run trains anew to that many steps
+    assert train(qwen_dir, prompts, out, "--layers", "2,4", "--steps", "12").exit_code == 0
+    res = train(qwen_dir, prompts, out, "--layers", "2,4", "--steps", "6")
+    assert res.exit_code == 0 and "training afresh" in res.stderr
+    assert _same_heads(out, straight("s6.safetensors", "--steps", "6"))
+    assert read_metadata(out)["steps"] == "6"
+    # other decoding makes other labels: they are made afresh, never reused
+    res = train(qwen_dir, prompts, out, "--layers", "2,4", "--steps", "6", "--max-new-tokens", "8")
+    assert res.exit_code == 0 and "labelling afresh" in res.stderr
+    assert _same_heads(out, straight("m8.safetensors", "--steps", "6", "--max-new-tokens", "8"))
+    # other layers after an interrupted run: no traceback, heads for the new layers
+    part = train(qwen_dir, prompts, out, "--layers", "2,4", "--steps", "6", "--stop-after", "3")
+    assert part.exit_code == 0
+    res = train(qwen_dir, prompts, out, "--layers", "1,3", "--steps", "6")
+    assert res.exit_code == 0, res.output
+    from conftest import tiny_model
+
+    assert load_heads(out, wrap_model(tiny_model("qwen2"))).layers == [1, 3]
 
 
 def test_layer_report_writes_table_plot_and_json(qwen_dir, prompts, tmp_path):

@@ -1,13 +1,26 @@
 """sparkee: faster decoding for interleaved spoken language models (SPAR-K scheduled early exit)."""
 
+from .accept import AcceptRule, parse_accept
 from .backbone import SUPPORTED_ARCHITECTURES, Backbone, load_model, wrap_model
 from .errors import SparkeeError
-from .generate import Emitted, Generation, GenerationConfig, GenerationResult, generate, stream
+from .generate import (
+    BatchGeneration,
+    Emitted,
+    Generation,
+    GenerationConfig,
+    GenerationResult,
+    generate,
+    generate_batch,
+    stream,
+    stream_batch,
+)
 from .heads import ExitHeads, load_heads, resolve_heads
 from .schedule import Interleave, Policy, expected_depth, parse_interleave, parse_policy
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "AcceptRule",
+    "BatchGeneration",
     "Backbone",
     "Emitted",
     "ExitHeads",
@@ -19,12 +32,15 @@ __all__ = [
     "SparkeeError",
     "expected_depth",
     "generate",
+    "generate_batch",
     "load_heads",
     "load_model",
+    "parse_accept",
     "parse_interleave",
     "parse_policy",
     "resolve_heads",
     "stream",
+    "stream_batch",
     "wrap_model",
 ]
 __version__ = "0.1.0"

@@ -1,23 +1,27 @@
 """Per-layer report (the paper's Table 1): how often layer L's head agrees with the last layer.
 
 Teacher-forced on full-depth outputs: for every layer and for text and speech steps separately,
-top-1 agreement with the last layer and KL(last || head). For the reference SLM, also the
-transcript accuracy and WER of the speech made of each layer's tokens: the paper's observation is
-that layer-L speech tokens differ from the last layer's yet carry the same content, while
-layer-L text does not.
+top-1 agreement with the last layer and KL(last || head). When the model's profile has a
+token-level transcriber (the reference SLM), also the transcript accuracy and WER of the speech
+made of each layer's tokens: the paper's observation is that layer-L speech tokens differ from
+the last layer's yet carry the same content, while layer-L text does not.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .backbone import Backbone
+from .eval.measures import Measures
+from .eval.scoring import accuracy, verdict, wer
+from .generate import GenerationConfig
 from .heads import ExitHeads
+from .labels import Labels, collect_labels, layer_metrics
 from .sources import PromptItem
-from .train_heads import Labels, collect_labels, layer_metrics
 
 
 def layer_tokens(bb: Backbone, heads: ExitHeads, labels: Labels, layer: int) -> torch.Tensor:
@@ -27,32 +31,35 @@ def layer_tokens(bb: Backbone, heads: ExitHeads, labels: Labels, layer: int) -> 
     return heads.token_ids[idx] if heads.token_ids is not None else idx
 
 
-def transcript_scores(bb, heads, labels, prompts: list[PromptItem], layers: list[int]) -> dict[int, dict]:
-    """Reference SLM only: accuracy and WER of the speech built from each layer's speech tokens."""
-    import jiwer
+def transcript_scores(
+    bb: Backbone,
+    heads: ExitHeads,
+    labels: Labels,
+    prompts: list[PromptItem],
+    layers: list[int],
+    measures: Measures,
+    speech_ids: tuple[int, int],
+) -> dict[int, dict]:
+    """Accuracy and WER of the speech built from each layer's speech tokens (teacher-forced).
 
-    from .refslm.data import answer_text_from_tokens, contains_answer
-    from .refslm.lexicon import decode_units
-    from .refslm.vocab import load_vocab
-
-    vocab = load_vocab()
-    out = {}
+    The reference text is the full model's own text answer; scoring follows eval/scoring.py."""
+    lo, hi = speech_ids
     examples = sorted(set(labels.example.tolist()))
-    own_text = {}
-    for e in examples:
-        rows = labels.example == e
-        own_text[e] = answer_text_from_tokens(labels.tokens[rows].tolist(), vocab) or "<empty>"
+    own_text = {e: measures.text_of(labels.tokens[labels.example == e].tolist()) for e in examples}
+    out = {}
     for L in layers + [bb.num_layers]:
         toks = labels.tokens if bb.num_layers == L else layer_tokens(bb, heads, labels, L)
-        hyps, refs, ok = [], [], 0
+        said, verdicts = [], []
         for e in examples:
             rows = (labels.example == e) & labels.speech
-            units = [t for t in toks[rows].tolist() if vocab.is_speech(t)]
-            said = decode_units(units, vocab)
-            hyps.append(said)
-            refs.append(own_text[e])
-            ok += contains_answer(said, prompts[e].meta.get("accepted", []))
-        out[L] = {"transcript_accuracy": ok / len(examples), "transcript_wer": float(jiwer.wer(refs, hyps))}
+            units = [t for t in toks[rows].tolist() if lo <= t < hi]
+            said.append(measures.transcriber(units))
+            meta = prompts[e].meta
+            verdicts.append(verdict(measures.judge, meta.get("question", ""), said[-1], meta))
+        out[L] = {
+            "transcript_accuracy": accuracy(verdicts),
+            "transcript_wer": wer([own_text[e] for e in examples], said),
+        }
     return out
 
 
@@ -60,10 +67,11 @@ def run_report(
     bb: Backbone,
     heads: ExitHeads,
     prompts: list[PromptItem],
-    cfg_for,
+    cfg_for: Callable[[PromptItem], GenerationConfig],
     out_dir: Path,
-    is_refslm: bool = False,
+    measures: Measures | None = None,
 ) -> dict:
+    """Write layer_report.{json,md,png}; `measures` with a transcriber adds the transcript columns."""
     layers = list(range(1, bb.num_layers))
     labels = collect_labels(bb, prompts, cfg_for, layers, desc="report")
     lens = ExitHeads(bb, "logit-lens", layers)
@@ -71,18 +79,15 @@ def run_report(
     report["logit_lens"] = {str(k): v for k, v in layer_metrics(bb, lens, labels).items()}
     if heads.kind != "logit-lens":
         # a head restricted to a token set only speaks for speech steps
-        sub = labels if heads.token_ids is None else labels.select(labels.speech.nonzero().squeeze(1))
-        have = [L for L in layers if heads.has(L)]
-        sub = Labels(
-            have, sub.hidden[[layers.index(L) for L in have]], sub.final, sub.speech, sub.tokens, sub.example
-        )
+        sub = labels if heads.token_ids is None else labels.speech_rows()
+        sub = sub.only_layers([L for L in layers if heads.has(L)])
         report["heads"] = {str(k): v for k, v in layer_metrics(bb, heads, sub).items()}
         report["heads_kind"] = heads.kind
-    if is_refslm:
+    speech_ids = cfg_for(prompts[0]).speech_ids
+    if measures is not None and measures.transcriber is not None and speech_ids is not None:
         tr_heads = heads if heads.kind != "logit-lens" and all(heads.has(L) for L in layers) else lens
-        report["transcripts"] = {
-            str(k): v for k, v in transcript_scores(bb, tr_heads, labels, prompts, layers).items()
-        }
+        scores = transcript_scores(bb, tr_heads, labels, prompts, layers, measures, speech_ids)
+        report["transcripts"] = {str(k): v for k, v in scores.items()}
         report["transcripts_from"] = tr_heads.kind
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "layer_report.json").write_text(json.dumps(report, indent=1))
@@ -169,16 +174,17 @@ def plot(report: dict, path: Path) -> None:
     if tr:
         ax2 = axes[0][1]
         ls = list(range(1, n + 1))
+        pct = lambda v: None if v is None else 100 * v  # noqa: E731 - "n/a" scores leave gaps
         ax2.plot(
             ls,
-            [100 * tr[str(x)]["transcript_wer"] for x in ls],
+            [pct(tr[str(x)]["transcript_wer"]) for x in ls],
             "-o",
             ms=3,
             label="speech transcript WER vs own text",
         )
         ax2.plot(
             ls,
-            [100 * tr[str(x)]["transcript_accuracy"] for x in ls],
+            [pct(tr[str(x)]["transcript_accuracy"]) for x in ls],
             "-s",
             ms=3,
             label="speech transcript accuracy",

@@ -7,6 +7,7 @@ loop around them and the KV cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -20,20 +21,22 @@ SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "GlmForCausal
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+FINGERPRINT_VERSION = 2
+RESTRICTED_CACHE = 4  # restricted output projections kept (one per distinct speech token set)
+
+
 @dataclass
 class Backbone:
     model: torch.nn.Module  # the *ForCausalLM
     name: str = ""
     _restricted: dict = field(default_factory=dict, repr=False)
+    kernel_choice: dict = field(default_factory=dict, repr=False)  # kernels.optimize's measured choice
+    _fingerprints: dict = field(default_factory=dict, repr=False)
+    _blocks: dict | None = field(default=None, repr=False)  # compiled step kinds (--compile)
 
     def __post_init__(self) -> None:
-        inner = self.model.model
+        self.refresh_modules()
         self.config = self.model.config
-        self.embed_tokens = inner.embed_tokens
-        self.layers = inner.layers
-        self.rotary_emb = inner.rotary_emb
-        self.norm = inner.norm
-        self.lm_head = self.model.lm_head
         self.num_layers = len(self.layers)
         self.hidden_size = self.config.hidden_size
         self.vocab_size = self.lm_head.weight.shape[0]
@@ -42,8 +45,25 @@ class Backbone:
             getattr(self.config, "head_dim", None) or self.hidden_size // self.config.num_attention_heads
         )
         self.layer_devices = [execution_device(layer) for layer in self.layers]
-        self.dtype = self.lm_head.weight.dtype
         self.layer_params = [sum(p.numel() for p in layer.parameters()) for layer in self.layers]
+
+    def refresh_modules(self) -> None:
+        """(Re)read the model's modules, after kernels.optimize replaced some or the dtype changed."""
+        inner = self.model.model
+        self.embed_tokens = inner.embed_tokens
+        self.layers = inner.layers
+        self.rotary_emb = inner.rotary_emb
+        self.norm = inner.norm
+        self.lm_head = self.model.lm_head
+        self.dtype = self.lm_head.weight.dtype
+        self._restricted.clear()
+
+    def kernel_signature(self) -> str:
+        """What the linear layers run (part of a calibration's key)."""
+        if not self.kernel_choice:
+            return "plain"
+        text = json.dumps(self.kernel_choice, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def device(self) -> torch.device:
@@ -75,6 +95,20 @@ class Backbone:
         )
         return out[0] if isinstance(out, tuple) else out
 
+    @property
+    def compiled(self) -> bool:
+        return self._blocks is not None
+
+    def run_block(
+        self, a: int, b: int, h, mask, position_ids, position_embeddings, cache, compiled: bool = False
+    ) -> torch.Tensor:
+        """Layers a..b-1 over h ([R, r, H]); `compiled`: one compiled call per step kind (--compile)."""
+        if compiled and self._blocks is not None:
+            return self._blocks.get(a, b)(h, mask, position_ids, position_embeddings, cache)
+        for i in range(a, b):
+            h = self.run_layer(i, h, mask, position_ids, position_embeddings, cache)
+        return h
+
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h.to(self.norm.weight.device))
 
@@ -83,17 +117,40 @@ class Backbone:
         h_normed = h_normed.to(self.lm_head.weight.device)
         if token_ids is None:
             return self.lm_head(h_normed)
-        return torch.nn.functional.linear(h_normed, self.restricted_weight(token_ids))
+        return self.restricted_head(token_ids)(h_normed)
 
     def restricted_weight(self, token_ids: torch.Tensor) -> torch.Tensor:
-        hit = self._restricted.get(id(token_ids))
-        if hit is None:  # gathered once: copying |ids| rows every step would cost what it saves
-            w = self.lm_head.weight.detach()[token_ids.to(self.lm_head.weight.device)].contiguous()
-            hit = self._restricted[id(token_ids)] = (token_ids, w)  # holding ids keeps id() unique
-        return hit[1]
+        return self.restricted_head(token_ids).weight
 
-    def fingerprint(self) -> str:
-        """Identifies the backbone's weights, independent of the dtype it was loaded in."""
+    def restricted_head(self, token_ids: torch.Tensor) -> torch.nn.Module:
+        """The output projection onto `token_ids` only, gathered once per distinct set (copying |ids|
+        rows every step would cost what it saves); keyed by the ids' content, at most a few kept."""
+        key = hashlib.sha256(token_ids.detach().cpu().numpy().tobytes()).hexdigest()
+        hit = self._restricted.pop(key, None)
+        if hit is None:
+            from .kernels import fast_linear
+
+            w = self.lm_head.weight.detach()[token_ids.to(self.lm_head.weight.device)].contiguous()
+            lin = torch.nn.Linear(1, 1, bias=False)
+            hit = fast_linear(lin, self, w)
+        self._restricted[key] = hit  # most recently used last
+        while len(self._restricted) > RESTRICTED_CACHE:
+            self._restricted.pop(next(iter(self._restricted)))
+        return hit
+
+    def fingerprint(self, version: int = FINGERPRINT_VERSION) -> str:
+        """Identifies the backbone's weights, independent of the dtype it was loaded in.
+
+        Version 2 hashes a strided sample of every weight of every layer (a fine-tune that froze
+        the head and the norms still changes it); version 1, of heads files written before, hashed
+        the final norm, 16 output rows and the last layer's input norm only.
+        """
+        hit = self._fingerprints.get(version)
+        if hit is None:
+            hit = self._fingerprints[version] = self._fingerprint(version)
+        return hit
+
+    def _fingerprint(self, version: int) -> str:
         cfg = {
             "arch": self.architecture,
             "layers": self.num_layers,
@@ -107,10 +164,23 @@ class Backbone:
 
         # bf16 rounding is idempotent, so fp32 and bf16 loads of one checkpoint agree; the modules
         # are aligned so that weights accelerate keeps on disk (meta tensors here) are read too
-        for mod, rows in ((self.norm, None), (self.lm_head, 16), (self.layers[-1].input_layernorm, None)):
-            with align_module_device(mod, torch.device("cpu")):
-                t = mod.weight if rows is None else mod.weight[:rows]
-                h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        if version == 1:
+            for mod, rows in ((self.norm, None), (self.lm_head, 16), (self.layers[-1].input_layernorm, None)):
+                with align_module_device(mod, torch.device("cpu")):
+                    t = mod.weight if rows is None else mod.weight[:rows]
+                    h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+            return h.hexdigest()[:16]
+        mods = [self.embed_tokens, *self.layers, self.norm, self.lm_head]
+        for mod in mods:
+            with contextlib.ExitStack() as stack:  # offloaded weights may hang on any submodule's hook
+                for sub in mod.modules():
+                    if getattr(sub, "_hf_hook", None) is not None:
+                        stack.enter_context(align_module_device(sub, torch.device("cpu")))
+                for name, p in sorted(mod.named_parameters()):
+                    flat = p.detach().reshape(-1)
+                    step = max(1, flat.numel() // 4096)
+                    h.update(name.encode())
+                    h.update(flat[::step].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
         return h.hexdigest()[:16]
 
 
@@ -139,14 +209,41 @@ def check_architecture(config) -> None:
         )
 
 
+def check_device(device: str) -> torch.device:
+    """A device string this torch can use, or one sentence saying why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SparkeeError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SparkeeError(
+                f"device '{device}' needs a CUDA build of torch and a GPU; this torch "
+                f"({torch.__version__}) sees none: use --device cpu or install the CUDA build (README)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SparkeeError(
+                f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} GPUs"
+            )
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise SparkeeError(f"unknown device '{device}': use cpu, cuda or cuda:N")
+    return dev
+
+
 def load_model(
     path: str | Path,
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     device_map: dict | str | None = None,
+    fast: bool = True,
+    compile: bool = False,
     **kwargs,
 ) -> Backbone:
-    """Load a Hugging Face checkpoint directory of a supported decoder-only architecture."""
+    """Load a Hugging Face checkpoint directory of a supported decoder-only architecture.
+
+    fast: give the linear layers the kernels measured fastest on this CPU (kernels.py; no effect
+    on GPUs). compile: torch.compile each step kind once (compiled.py).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -165,6 +262,8 @@ def load_model(
         raise SparkeeError(f"cannot read the config in '{path}': {str(e).splitlines()[0]}") from None
     check_architecture(config)
     torch_dtype = resolve_dtype(dtype)
+    if device_map is None:
+        check_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=torch_dtype, device_map=device_map, attn_implementation="sdpa", **kwargs
@@ -174,7 +273,16 @@ def load_model(
     if device_map is None:
         model = model.to(device)
     model.eval()
-    return Backbone(model, name=str(p))
+    bb = Backbone(model, name=str(p))
+    if fast:
+        from .kernels import optimize
+
+        optimize(bb)
+    if compile:
+        from .compiled import enable_compile
+
+        enable_compile(bb)
+    return bb
 
 
 def wrap_model(model: torch.nn.Module) -> Backbone:

@@ -1,39 +1,59 @@
 """The decode loop, top to bottom.
 
-One sequence, one token per step. Each step feeds the last token at position `pos` and produces
-the token at `pos + 1`. Its modality comes from the interleave tracker, its depth from the policy
-of that modality:
+A batch of sequences (one, unless `generate_batch` is called), one token per row per step. A step
+feeds each row's last token at its position `pos` and produces the token at `pos + 1`. Its
+modality comes from the row's interleave tracker, its depth from the policy of that modality:
 
 - full step: all layers, the model's own output projection;
 - early step: layers 1..L, then the exit head of layer L. Layers L+1..N of this position stay
   empty in the KV cache ("pending"), and the state after layer L is kept;
 - confidence step: run to L, exit if the head's entropy is below the threshold, else go on.
 
-Deferred deep fill: a step that runs layer i first takes in every position still missing layer i
-(their kept states), so a full step runs the deep layers over all pending positions plus its own
-in one causal pass, like a small prefill. By induction the positions missing layer i are always a
-contiguous tail, so a per-layer length describes the cache and an offset causal mask is enough.
-That pass also yields the last layer's prediction for every pending position: compared with the
-tokens the early steps emitted it gives the agreement rate for free, and in verified mode the
-first disagreement is rejected and the caches rolled back, which makes greedy output equal
-full-depth greedy output token for token (self-speculative decoding).
+Deferred deep fill: a pass that runs layer i first takes in every position of its row still
+missing layer i (their kept states), so a full step runs the deep layers over all pending
+positions plus its own in one causal pass, like a small prefill. By induction the positions
+missing layer i are always a contiguous tail, so a length per (layer, row) describes the cache and
+an offset causal mask is enough. That pass also yields the last layer's prediction for every
+pending position: compared with the tokens the early steps emitted it gives the agreement rate for
+free, and in verified mode an acceptance rule (accept.py) keeps or replaces each early token; at
+the first replacement the row is rolled back (self-speculative decoding). With the `exact` rule
+greedy output equals full-depth greedy output token for token.
+
+Batches: rows are independent sequences (own positions, no padding of prompts: each row is
+prefilled alone). A step groups the rows by how deep they run: layers 1..L run over every row
+whose step reaches L, deeper layers over the rows that go on. In the padded format with equal
+prompts the rows are in lock-step; otherwise the step handles a mix. Finished rows stop costing
+compute. Each row samples with its own generator, so its tokens do not depend on its batch-mates.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from . import cost
+from .accept import EXACT, AcceptRule, criterion, parse_accept, resolve_distance
 from .backbone import Backbone
-from .cache import LayeredKVCache
+from .cache import LayeredKVCache, RowView
+from .cost import CostMeter
 from .errors import SparkeeError
 from .heads import ExitHeads
 from .pooling import PoolSpec, affinity_groups, pool
-from .schedule import Interleave, Policy, TrackerState, advance, chunk_index, next_modality, parse_policy
-from .trace import CostMeter, StepRecord, compute_stats
+from .schedule import (
+    Interleave,
+    Policy,
+    TrackerState,
+    advance,
+    chunk_index,
+    misplanned,
+    next_modality,
+    parse_policy,
+)
+from .trace import StepRecord, compute_stats
 
 
 @dataclass
@@ -44,18 +64,23 @@ class GenerationConfig:
     interleave: Interleave | None = None
     speech_ids: tuple[int, int] | None = None  # half-open range of speech token ids
     stop_ids: Sequence[int] = ()
-    control_ids: Sequence[int] | None = (
-        None  # non-speech ids legal at speech steps; default: stop + text-end ids
-    )
+    # non-speech ids legal at speech steps; default: stop + text-end ids
+    control_ids: Sequence[int] | None = None
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0  # transformers' semantics, on every step kind
     seed: int | None = None
     verify: bool = False
+    accept: str | AcceptRule = "exact"  # verified mode's rule at speech steps (accept.py)
+    unit_distance: str | Callable[[int, int], float] | None = None  # plug-in of accept=unit-distance:D
     speech_vocab_only: bool = False
     # with speech_vocab_only, also compute the full projection to count changed tokens
     audit_vocab: bool = True
     prefill_pool: PoolSpec | None = None  # Affinity Pooling of the speech part of the prompt
+    # predicted_speedup from this machine's measured costs (cost.py); None: yes unless the
+    # environment sets SPARKEE_NO_CALIBRATE=1; False: the weight-read (memory-bound) model only
+    calibrate: bool | None = None
 
 
 @dataclass
@@ -66,6 +91,7 @@ class Emitted:
     token: int
     modality: str
     exit_layer: int
+    row: int = 0  # batch row
 
 
 @dataclass
@@ -76,7 +102,8 @@ class GenerationResult:
     exit_layers: list[int]
     steps: list[StepRecord]
     stats: dict
-    cache: LayeredKVCache = field(repr=False)
+    cache: RowView = field(repr=False)
+    meter: CostMeter | None = field(default=None, repr=False)  # the passes this row ran (cost.py)
 
     def as_json(self) -> dict:
         return {
@@ -85,6 +112,94 @@ class GenerationResult:
             "exit_layers": self.exit_layers,
             "stats": self.stats,
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's fixed plan and each row's trace
+
+
+@dataclass
+class Plan:
+    """Everything fixed for a run: resolved config, policies, rule, speech set and its weight slice."""
+
+    bb: Backbone
+    heads: ExitHeads
+    cfg: GenerationConfig
+    speech_policy: Policy
+    text_policy: Policy
+    accept: AcceptRule
+    distance: Callable[[int, int], float] | None
+    speech_set: torch.Tensor | None  # ids legal at speech steps, for --speech-vocab-only
+    stop_ids: frozenset[int]
+    control: frozenset[int]  # tokens that are neither text nor speech for the auto tracker
+    max_len: int
+
+    def kind_of(self, token: int) -> str | None:
+        """text, speech or control; None when the speech range is unknown."""
+        if self.cfg.speech_ids is None:
+            return None
+        if token in self.control:
+            return "control"
+        lo, hi = self.cfg.speech_ids
+        return "speech" if lo <= token < hi else "text"
+
+    def policy(self, modality: str) -> Policy:
+        return self.speech_policy if modality == "speech" else self.text_policy
+
+
+@dataclass
+class Trace:
+    """One row's history: tokens, per-step records, tracker states, early proposal distributions.
+
+    Step k (0-based among the new tokens) fed the token at position prompt_len - 1 + k and produced
+    the token at position prompt_len + k; `at(pos)` finds the step that fed `pos`.
+    """
+
+    prompt_len: int
+    seq: list[int]  # prompt + new tokens
+    records: list[StepRecord] = field(default_factory=list)
+    trackers: list[TrackerState] = field(default_factory=list)  # state before each step
+    early_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # pos -> q over the vocabulary
+    gen: torch.Generator | None = None
+    run_len: int = 1  # spar-k:adaptive: early steps after each full step
+    emitted: int = 0
+    rejections: int = 0
+    wasted: int = 0
+    refreshes: int = 0  # full passes that checked at least one early token
+    done: bool = False
+
+    @property
+    def pos(self) -> int:  # position of the next token to feed
+        return len(self.seq) - 1
+
+    def step_index(self, pos: int) -> int:
+        return pos - (self.prompt_len - 1)
+
+    def at(self, pos: int) -> StepRecord:
+        return self.records[self.step_index(pos)]
+
+    def append(self, rec: StepRecord, state: TrackerState) -> None:
+        self.records.append(rec)
+        self.trackers.append(state)
+        self.seq.append(rec.token)
+
+    def truncate(self, k: int) -> None:
+        """Forget every step after step k (and the tokens they produced)."""
+        self.wasted += len(self.records) - (k + 1)
+        del self.records[k + 1 :], self.trackers[k + 1 :], self.seq[self.prompt_len + k + 1 :]
+        pos = self.prompt_len - 1 + k
+        for p in [p for p in self.early_probs if p >= pos]:
+            del self.early_probs[p]
+
+    def state(self, plan: Plan) -> TrackerState:
+        """Tracker state before the next step."""
+        if not self.records:
+            return TrackerState()
+        r = self.records[-1]
+        early = r.action == "early" and not r.corrected
+        return advance(
+            plan.cfg.interleave, self.trackers[-1], r.modality, r.token, plan.kind_of(r.token), early
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,13 +220,27 @@ def _filter_logits(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     return logits
 
 
+def _penalize(logits: torch.Tensor, context: Sequence[int], penalty: float, ids: torch.Tensor | None):
+    """transformers' repetition penalty: scores of tokens already in `context` are divided by the
+    penalty when positive, multiplied when negative. logits: [V] or [|ids|] over `ids`."""
+    if penalty == 1.0:
+        return logits
+    seen = torch.tensor(sorted(set(context)), dtype=torch.long, device=logits.device)
+    if ids is not None:  # restricted logits: columns of the seen tokens that are in the set
+        loc = torch.searchsorted(ids, seen).clamp_max(ids.numel() - 1)
+        seen = loc[ids[loc] == seen]
+    s = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(s < 0, s * penalty, s / penalty)
+    return logits
+
+
 def _distribution(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor | None:
     return None if cfg.temperature == 0 else _filter_logits(logits.float(), cfg).softmax(-1)
 
 
-def _draw(
-    logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None
-) -> tuple[int, torch.Tensor | None]:
+def _draw(logits: torch.Tensor, cfg: GenerationConfig, gen) -> tuple[int, torch.Tensor | None]:
+    """A column of `logits` (argmax when greedy) and the distribution it was drawn from."""
     probs = _distribution(logits, cfg)
     if probs is None:
         return int(torch.argmax(logits)), None
@@ -123,186 +252,335 @@ def _entropy(logits: torch.Tensor) -> float:
     return float(-(logp.exp() * logp).sum())
 
 
+def _token(idx: int, ids: torch.Tensor | None) -> int:
+    return int(ids[idx]) if ids is not None else idx
+
+
 # ---------------------------------------------------------------------------------------------
-# state
+# passes
 
 
 @dataclass
-class _State:
-    bb: Backbone
-    heads: ExitHeads
-    cfg: GenerationConfig
-    speech_policy: Policy
-    text_policy: Policy
-    speech_set: torch.Tensor | None  # ids legal at speech steps, for --speech-vocab-only
-    cache: LayeredKVCache
-    meter: CostMeter
-    pend_h: torch.Tensor  # [1, max_len, H]: state of each pending position at its first missing layer
-    seq: list[int]  # prompt + new tokens
-    prompt_len: int
-    records: list[StepRecord] = field(default_factory=list)
-    trackers: list[TrackerState] = field(default_factory=list)  # tracker state before each new token
-    early_probs: dict = field(default_factory=dict)  # pos -> sampling distribution of an early step
-    gen: torch.Generator | None = None
-    emitted: int = 0
-    rejections: int = 0
-    wasted: int = 0
+class _Carry:
+    """States of a pass: batch rows `rows`; row j holds positions start[j] .. start[j] + count[j] - 1
+    left-aligned in h[j] ([R, r, H]); the rest of h[j] is padding."""
 
-    @property
-    def pos(self) -> int:  # position of the next token to feed
-        return len(self.seq) - 1
+    rows: list[int]
+    h: torch.Tensor
+    start: list[int]
+    count: list[int]
 
-    @property
-    def tracker(self) -> TrackerState:
-        return advance(
-            self.cfg.interleave, self.trackers[-1], self.records[-1].modality, self.records[-1].token
+    def select(self, keep: list[int]) -> _Carry:
+        if len(keep) == len(self.rows):
+            return self
+        if not keep:
+            return _Carry([], self.h[:0], [], [])
+        idx = torch.tensor(keep, device=self.h.device)
+        r = max(self.count[j] for j in keep)
+        return _Carry(
+            [self.rows[j] for j in keep],
+            self.h.index_select(0, idx)[:, :r],
+            [self.start[j] for j in keep],
+            [self.count[j] for j in keep],
         )
 
+    def last(self) -> torch.Tensor:
+        """Each row's newest state: [R, 1, H]."""
+        if len(self.rows) == 1:
+            return self.h[:, self.count[0] - 1 :][:, :1]
+        idx = torch.tensor([c - 1 for c in self.count], device=self.h.device)
+        return self.h[torch.arange(len(self.rows), device=self.h.device), idx][:, None]
 
-def _causal_mask(rows: int, kv_len: int, device) -> torch.Tensor:
-    q = torch.arange(kv_len - rows, kv_len, device=device)[:, None]
-    k = torch.arange(kv_len, device=device)[None, :]
-    return (k <= q)[None, None]  # [1, 1, rows, kv_len], True = attend; the rows are the last kv slots
-
-
-def _run_layers(st: _State, carry: torch.Tensor | None, rows_start: int, pos_end: int, layers: range):
-    """Run `layers` over positions [rows_start, pos_end]; positions missing a layer join the pass there.
-
-    carry: [1, rows, H] states of positions rows_start..pos_end, or None when only pending
-    positions take part (the final flush). Returns the new carry and its first position.
-    """
-    bb, cache = st.bb, st.cache
-    if len(layers) == 0:
-        return carry, rows_start
-    lo = min(rows_start, cache.next_position(layers[-1]))  # deepest layer has the longest pending tail
-    pids_all = torch.arange(lo, pos_end + 1, device=bb.device)[None]
-    cos, sin = bb.rope(st.pend_h[:, :1] if carry is None else carry, pids_all)
-    masks: dict[tuple[int, int], torch.Tensor] = {}
-    for i in layers:
-        s = cache.next_position(i)
-        if s < rows_start:
-            joined = st.pend_h[:, s:rows_start]
-            carry = joined if carry is None else torch.cat([joined, carry], dim=1)
-            rows_start = s
-        if carry is None:
-            continue
-        rows = pos_end + 1 - rows_start
-        kv_len = cache.lens[i] + rows
-        mask = None  # one row, or a prefill from slot 0: is_causal does it
-        if rows > 1 and kv_len > rows:
-            mask = masks.get((rows, kv_len))
-            if mask is None:
-                mask = masks[(rows, kv_len)] = _causal_mask(rows, kv_len, bb.device)
-        a = rows_start - lo
-        carry = bb.run_layer(i, carry, mask, pids_all[:, a:], (cos[:, a:], sin[:, a:]), cache)
-        st.meter.layer(i, rows, kv_len)
-    return carry, rows_start
+    def flat(self) -> torch.Tensor:
+        """Every real state, row by row: [sum(count), H]."""
+        if len(self.rows) == 1:
+            return self.h[0, : self.count[0]]
+        return torch.cat([self.h[j, :c] for j, c in enumerate(self.count)])
 
 
-def _project(st: _State, hn: torch.Tensor, speech_rows: list[bool], audit: bool):
-    """Last-layer logits for rows of `hn` ([1, r, H]); speech rows restricted under --speech-vocab-only.
+class _Run:
+    """A batch in flight: the plan, each row's trace, the cache and the kept states of pending positions."""
 
-    Returns (full, restricted): full [r, V] or None, restricted [r, |set|] or None.
-    """
-    bb, restrict = st.bb, st.cfg.speech_vocab_only and st.speech_set is not None
-    need_full = not restrict or audit or not all(speech_rows)
-    H, r = bb.hidden_size, hn.shape[1]
-    if need_full:
-        full = bb.project(hn)[0].float()
-        st.meter.matrix(H * bb.vocab_size, r, "proj")
-        return full, (full[:, st.speech_set] if restrict else None)
-    st.meter.matrix(H * st.speech_set.numel(), r, "proj")
-    return None, bb.project(hn, st.speech_set)[0].float()
+    def __init__(self, plan: Plan, prompts: list[list[int]], seeds: list[int | None]) -> None:
+        bb, cfg = plan.bb, plan.cfg
+        B = len(prompts)
+        self.plan = plan
+        self.static = bb.compiled  # compiled step kinds need fixed shapes: a static cache
+        self.cache = LayeredKVCache(
+            bb.num_layers,
+            plan.max_len,
+            bb.num_kv_heads,
+            bb.head_dim,
+            bb.dtype,
+            bb.layer_devices,
+            B,
+            self.static,
+        )
+        # state of each pending position at its first missing layer
+        self.pend_h = torch.zeros(B, plan.max_len, bb.hidden_size, dtype=bb.dtype, device=bb.device)
+        self.traces = []
+        self.meters = [cost.new_meter(bb) for _ in range(B)]  # each row's passes, as if alone
+        self.batch_meter = cost.new_meter(bb)  # the passes the batch actually ran
+        for p, seed in zip(prompts, seeds, strict=True):
+            gen = None
+            if cfg.temperature > 0:  # a private generator: never reseeds torch's global one
+                gen = torch.Generator(device="cpu")
+                gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+            self.traces.append(Trace(len(p), [int(t) for t in p], gen=gen))
+        self._masks: dict = {}
+
+    # -- layers ---------------------------------------------------------------------------------
+
+    def run_layers(self, carry: _Carry, layers: range, prefill: bool = False) -> _Carry:
+        """Run `layers` over the carry; a row's positions missing a layer join the pass there."""
+        i, end = layers.start, layers.stop
+        while i < end:
+            carry = self._join(carry, i)
+            # a block: consecutive layers where nobody joins and the cache layout stays the same
+            j = i + 1
+            key = self._layout(carry, i)
+            while j < end and self._layout(carry, j) == key and not self._joins(carry, j):
+                j += 1
+            if carry.h.shape[1] > 0:
+                carry = self._block(carry, i, j, prefill)
+            i = j
+        return carry
+
+    def _joins(self, carry: _Carry, i: int) -> bool:
+        return any(self.cache.next_position(i, b) < s for b, s in zip(carry.rows, carry.start, strict=True))
+
+    def _layout(self, carry: _Carry, i: int) -> tuple:
+        return tuple(self.cache.shift[i][b] for b in carry.rows)
+
+    def _join(self, carry: _Carry, i: int) -> _Carry:
+        if not self._joins(carry, i):
+            return carry
+        starts = [
+            min(self.cache.next_position(i, b), s) for b, s in zip(carry.rows, carry.start, strict=True)
+        ]
+        counts = [c + s - n for c, s, n in zip(carry.count, carry.start, starts, strict=True)]
+        if len(carry.rows) == 1:
+            b, s = carry.rows[0], starts[0]
+            h = torch.cat([self.pend_h[b : b + 1, s : carry.start[0]], carry.h[:, : carry.count[0]]], dim=1)
+        else:
+            h = carry.h.new_zeros(len(carry.rows), max(counts), carry.h.shape[-1])
+            for j, b in enumerate(carry.rows):
+                n = carry.start[j] - starts[j]
+                h[j, :n] = self.pend_h[b, starts[j] : carry.start[j]]
+                h[j, n : counts[j]] = carry.h[j, : carry.count[j]]
+        return _Carry(carry.rows, h, starts, counts)
+
+    def _block(self, carry: _Carry, a: int, b: int, prefill: bool = False) -> _Carry:
+        """Layers a..b-1 over the carry, all rows at once (one offset causal mask per block)."""
+        bb, cache = self.plan.bb, self.cache
+        R, r = carry.h.shape[:2]
+        lens = [cache.lens[a][row] for row in carry.rows]
+        if R == 1:
+            pids = torch.arange(carry.start[0], carry.start[0] + r, device=bb.device)[None]
+        else:
+            pids = torch.tensor(carry.start, device=bb.device)[:, None] + torch.arange(r, device=bb.device)
+        pe = bb.rope(carry.h, pids)
+        if self.static and not prefill:  # a compiled step kind: fixed shapes, lengths kept here
+            mask, slots = self._static_mask(lens, carry.count, r)
+            cache.begin_pass(carry.rows, carry.count, lens, slots)
+            h = bb.run_block(a, b, carry.h, mask, pids, pe, cache, compiled=True)
+            for i in range(a, b):
+                for row, n, c in zip(carry.rows, lens, carry.count, strict=True):
+                    cache.lens[i][row] = n + c
+        else:
+            mask = self._mask(lens, carry.count, r)
+            cache.begin_pass(carry.rows, carry.count, lens)
+            h = bb.run_block(a, b, carry.h, mask, pids, pe, cache)
+        kv_end = max(n + c for n, c in zip(lens, carry.count, strict=True))
+        for row, n, c in zip(carry.rows, lens, carry.count, strict=True):
+            self.meters[row].layers(a, b, c, n + c)
+        if len(self.traces) > 1:  # one sequence: its own meter says it all
+            self.batch_meter.layers(a, b, R * r, kv_end, seqs=R)
+        return _Carry(carry.rows, h, carry.start, carry.count)
+
+    def _mask(self, lens: list[int], counts: list[int], r: int) -> torch.Tensor | None:
+        """[R, 1, r, kv_len] bool (True = attend): query j of row k sees slots <= lens[k] + j."""
+        kv_len = max(n + c for n, c in zip(lens, counts, strict=True))
+        if r == 1 and all(n + 1 == kv_len for n in lens):
+            return None  # one new position per row, every row as long: nothing to hide
+        if len(lens) == 1 and lens[0] == 0:
+            return None  # a prefill from slot 0: is_causal does it
+        key = (tuple(lens), r, kv_len)
+        m = self._masks.get(key)
+        if m is None:
+            dev = self.plan.bb.device
+            q = torch.tensor(lens, device=dev)[:, None] + torch.arange(r, device=dev)  # [R, r]
+            m = torch.arange(kv_len, device=dev)[None, None, :] <= q[:, :, None]
+            m = self._masks[key] = m[:, None]
+            if len(self._masks) > 64:
+                self._masks.pop(next(iter(self._masks)))
+        return m
+
+    def _static_mask(self, lens: list[int], counts: list[int], r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static passes attend over the whole buffer: [R, 1, r, max_len + 1] mask and [R, r] write slots."""
+        key = ("static", tuple(lens), tuple(counts), r)
+        hit = self._masks.get(key)
+        if hit is None:
+            dev, cap = self.plan.bb.device, self.cache.max_len + 1
+            t = torch.arange(r, device=dev)
+            q = torch.tensor(lens, device=dev)[:, None] + t  # [R, r]
+            mask = (torch.arange(cap, device=dev)[None, None, :] <= q[:, :, None])[:, None]
+            real = t[None, :] < torch.tensor(counts, device=dev)[:, None]
+            slots = torch.where(real, q, torch.full_like(q, cap - 1))  # padding -> the scratch slot
+            hit = self._masks[key] = (mask, slots)
+            if len(self._masks) > 64:
+                self._masks.pop(next(iter(self._masks)))
+        return hit
+
+    # -- projections ----------------------------------------------------------------------------
+
+    def project(self, hn: torch.Tensor, speech_rows: list[bool], rows: list[int], audit: bool):
+        """Last-layer logits for states `hn` ([n, H], one per entry of speech_rows, from batch rows
+        `rows`); speech rows restricted under --speech-vocab-only.
+
+        Returns (full, restricted): full [n, V] or None, restricted [n, |set|] or None.
+        """
+        plan = self.plan
+        bb, restrict = plan.bb, plan.cfg.speech_vocab_only and plan.speech_set is not None
+        need_full = not restrict or audit or not all(speech_rows)
+        n = hn.shape[0]
+        if need_full:
+            full = bb.project(hn).float()
+            self._meter_matrix(bb.hidden_size * bb.vocab_size, rows, n, "proj")
+            return full, (full[:, plan.speech_set] if restrict else None)
+        self._meter_matrix(bb.hidden_size * plan.speech_set.numel(), rows, n, "proj")
+        return None, bb.project(hn, plan.speech_set).float()
+
+    def _meter_matrix(self, elements: int, rows: list[int], n: int, kind: str) -> None:
+        per = {}
+        for r in rows:
+            per[r] = per.get(r, 0) + 1
+        for r, k in per.items():
+            self.meters[r].matrix(elements, k, kind)
+        self.batch_meter.matrix(elements, n, kind)
 
 
-def _row_choice(
-    st: _State, full, restricted, j: int, speech: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _choice(plan: Plan, full, restricted, j: int, speech: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits the full model decides from at row j, and the id map when they cover a token subset."""
     if speech and restricted is not None:
-        return restricted[j], st.speech_set
+        return restricted[j], plan.speech_set
     return full[j], None
 
 
-def _accept(
-    st: _State, pos: int, token: int, logits: torch.Tensor, ids: torch.Tensor | None
-) -> tuple[bool, int]:
-    """Verified mode: keep the early token at `pos + 1`, or return the full model's replacement."""
-    cfg = st.cfg
-    if cfg.temperature == 0:
-        full_tok = int(torch.argmax(logits))
-        full_tok = int(ids[full_tok]) if ids is not None else full_tok
-        return full_tok == token, full_tok
-    # speculative sampling: accept with prob min(1, p(x) / q(x)), else draw from max(0, p - q)
-    p = torch.zeros(st.bb.vocab_size)
-    p_sub = _distribution(logits, cfg)
-    p[ids.cpu() if ids is not None else slice(None)] = p_sub.cpu()
-    q = st.early_probs[pos]
-    if float(torch.rand((), generator=st.gen)) < min(1.0, float(p[token] / q[token].clamp_min(1e-20))):
-        return True, token
-    resid = (p - q).clamp_min(0)
-    resid = resid / resid.sum() if resid.sum() > 0 else p
-    return False, int(torch.multinomial(resid, 1, generator=st.gen))
+# ---------------------------------------------------------------------------------------------
+# verification
 
 
-def _rollback(st: _State, pos: int, token: int) -> None:
-    """Replace the token produced at step `pos` by `token` and forget every later step."""
-    k = pos - (st.prompt_len - 1)  # index of that step among the new tokens
-    st.wasted += len(st.records) - (k + 1)
-    st.rejections += 1
-    del st.records[k + 1 :], st.trackers[k + 1 :], st.seq[pos + 2 :]
-    st.seq[pos + 1] = token
-    st.records[k].token, st.records[k].corrected, st.records[k].agreed = token, True, False
-    st.cache.truncate(pos + 1)  # positions <= pos saw only kept tokens
-    for p in [p for p in st.early_probs if p >= pos]:
-        del st.early_probs[p]
+def _verify_one(plan: Plan, tr: Trace, pos: int, rec: StepRecord, logits, ids) -> tuple[bool, int, bool]:
+    """Check the early token produced at step `pos` against the last layer's logits.
 
-
-def _check_pending(st: _State, full, restricted, rows_start: int, n_pending: int) -> bool:
-    """Compare each pending early token with the last layer; in verified mode roll back at the first miss.
-
-    Returns True when a rollback happened.
+    Returns (accepted, the full model's replacement, accepted by the exact rule = agreed). Without
+    verified mode the rule is judged greedily (no random draws), so that unverified output never
+    depends on the rule.
     """
-    for j in range(n_pending):
-        pos = rows_start + j
-        rec = st.records[pos - (st.prompt_len - 1)]
-        logits, ids = _row_choice(st, full, restricted, j, rec.modality == "speech")
-        best = int(torch.argmax(logits))
-        rec.agreed = (int(ids[best]) if ids is not None else best) == rec.token
-        if st.cfg.verify:
-            ok, token = _accept(st, pos, rec.token, logits, ids)
-            if not ok:
-                _rollback(st, pos, token)
-                return True
-        st.early_probs.pop(pos, None)
+    cfg = plan.cfg
+    logits = _penalize(logits, tr.seq[: pos + 1], cfg.repetition_penalty, ids)
+    rule = plan.accept if rec.modality == "speech" else EXACT
+    best = _token(int(torch.argmax(logits)), ids)
+    agreed = best == rec.token
+    if cfg.temperature == 0 or not cfg.verify:
+        ok = agreed or (
+            rule.kind != "exact" and criterion(rule, rec.token, logits, ids, None, best, plan.distance)
+        )
+        return ok, best, agreed
+    p_sub = _distribution(logits, cfg)
+    if rule.kind == "exact":  # speculative sampling: the output distribution is the full model's
+        p = torch.zeros(plan.bb.vocab_size)
+        p[ids.cpu() if ids is not None else slice(None)] = p_sub.cpu()
+        q = tr.early_probs[pos]
+        if float(torch.rand((), generator=tr.gen)) < min(
+            1.0, float(p[rec.token] / q[rec.token].clamp_min(1e-20))
+        ):
+            return True, rec.token, agreed
+        resid = (p - q).clamp_min(0)
+        resid = resid / resid.sum() if resid.sum() > 0 else p
+        return False, int(torch.multinomial(resid, 1, generator=tr.gen)), agreed
+    draw = _token(int(torch.multinomial(p_sub, 1, generator=tr.gen)), ids)
+    ok = criterion(rule, rec.token, logits, ids, p_sub, draw, plan.distance)
+    return ok, draw, agreed
+
+
+def _check_pending(run: _Run, b: int, full, restricted, first: int, start: int, n: int) -> bool:
+    """Check row b's pending early tokens (positions start..start+n-1, at logits rows first..) and,
+    in verified mode, roll back at the first rejection. Returns True when a rollback happened."""
+    plan, tr = run.plan, run.traces[b]
+    if n == 0:
+        return False
+    tr.refreshes += 1
+    all_ok = True
+    for j in range(n):
+        pos = start + j
+        rec = tr.at(pos)
+        logits, ids = _choice(plan, full, restricted, first + j, rec.modality == "speech")
+        ok, token, agreed = _verify_one(plan, tr, pos, rec, logits, ids)
+        rec.agreed, rec.accepted = agreed, ok
+        all_ok &= ok
+        if plan.cfg.verify and not ok:
+            _adapt(plan, tr, False)
+            k = tr.step_index(pos)
+            tr.truncate(k)
+            tr.rejections += 1
+            tr.seq[pos + 1] = token
+            rec.token, rec.corrected = token, True
+            run.cache.truncate(pos + 1, b)  # positions <= pos saw only kept tokens
+            return True
+        tr.early_probs.pop(pos, None)
+    _adapt(plan, tr, all_ok)
     return False
+
+
+def _adapt(plan: Plan, tr: Trace, all_accepted: bool) -> None:
+    """spar-k:adaptive: grow the run of early steps after a clean refresh, halve it after a miss."""
+    pol = plan.speech_policy
+    if pol.kind == "adaptive":
+        tr.run_len = min(tr.run_len + 1, pol.kmax) if all_accepted else max(1, tr.run_len // 2)
 
 
 # ---------------------------------------------------------------------------------------------
 # steps
 
 
-def _prefill(st: _State) -> None:
-    bb, P = st.bb, st.prompt_len
-    h = bb.embed(torch.tensor([st.seq], device=bb.device))
-    if st.cfg.prefill_pool is None:
-        carry, _ = _run_layers(st, h, 0, P - 1, range(bb.num_layers))
+@dataclass
+class _RowPlan:
+    row: int
+    state: TrackerState
+    modality: str
+    policy: Policy
+    action: str  # full | exit | try
+    depth: int  # layers to run before deciding (N for a full step)
+
+
+def _prefill(run: _Run, b: int) -> None:
+    plan, tr = run.plan, run.traces[b]
+    bb, P = plan.bb, tr.prompt_len
+    h = bb.embed(torch.tensor([tr.seq], device=bb.device))
+    if plan.cfg.prefill_pool is None:
+        carry = run.run_layers(_Carry([b], h, [0], [P]), range(bb.num_layers), prefill=True)
     else:
-        carry = _pooled_prefill(st, h, st.cfg.prefill_pool)
-    modality = next_modality(st.cfg.interleave, st.trackers[-1])
-    full, restricted = _project(st, bb.final_norm(carry[:, -1:]), [modality == "speech"], st.cfg.audit_vocab)
-    _emit_full(st, full, restricted, 0, modality, bb.num_layers, "full", filled=0)
+        carry = _pooled_prefill(run, b, h, plan.cfg.prefill_pool)
+    state = TrackerState()
+    modality = next_modality(plan.cfg.interleave, state)
+    full, restricted = run.project(
+        bb.final_norm(carry.last()[:, 0]), [modality == "speech"], [b], plan.cfg.audit_vocab
+    )
+    _emit_full(run, b, full, restricted, 0, state, modality, "full", filled=0)
 
 
-def _pooled_prefill(st: _State, h: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+def _pooled_prefill(run: _Run, b: int, h: torch.Tensor, spec: PoolSpec) -> _Carry:
     """Prefill with Affinity Pooling at the embeddings and after layer `spec.layer` (see pooling.py).
 
     Layers after each pooling point run on the shorter sequence; `cache.shift` records how many
     positions each layer dropped, so later steps keep the usual positions P, P + 1, ...
     """
-    bb, P, N = st.bb, st.prompt_len, st.bb.num_layers
-    ids = torch.tensor(st.seq)
-    lo, hi = st.cfg.speech_ids
+    plan, tr, cache = run.plan, run.traces[b], run.cache
+    bb, P, N = plan.bb, tr.prompt_len, plan.bb.num_layers
+    ids = torch.tensor(tr.seq)
+    lo, hi = plan.cfg.speech_ids
     speech = (ids >= lo) & (ids < hi)
     pos = torch.arange(P, dtype=torch.float32)
     for first, last, tau, window in (
@@ -312,104 +590,173 @@ def _pooled_prefill(st: _State, h: torch.Tensor, spec: PoolSpec) -> torch.Tensor
         h, pos, speech = pool(h, pos, speech, affinity_groups(h[0], speech, tau, window), spec.position)
         pids = pos[None].to(bb.device)
         pe = bb.rope(h, pids)
+        T = h.shape[1]
         for i in range(first, last):
-            st.cache.shift[i] = P - h.shape[1]
-            h = bb.run_layer(i, h, None, pids, pe, st.cache)  # slots start at 0: is_causal masks it
-            st.meter.layer(i, h.shape[1], h.shape[1])
-    return h
+            cache.shift[i][b] = P - T
+        cache.begin_pass([b], [T], [0])
+        h = bb.run_block(first, last, h, None, pids, pe, cache)  # slots start at 0: is_causal masks it
+        run.meters[b].layers(first, last, T, T)
+    return _Carry([b], h[:, -1:], [P - 1], [1])  # only the last state is projected
 
 
-def _emit_full(
-    st: _State, full, restricted, j: int, modality: str, depth: int, action: str, filled: int
-) -> None:
-    logits, ids = _row_choice(st, full, restricted, j, modality == "speech")
-    idx, _ = _draw(logits, st.cfg, st.gen)
-    token = int(ids[idx]) if ids is not None else idx
+def _emit_full(run: _Run, b: int, full, restricted, j: int, state, modality: str, action: str, filled: int):
+    plan, tr = run.plan, run.traces[b]
+    logits, ids = _choice(plan, full, restricted, j, modality == "speech")
+    logits = _penalize(logits, tr.seq, plan.cfg.repetition_penalty, ids)
+    idx, _ = _draw(logits, plan.cfg, tr.gen)
+    token = _token(idx, ids)
     changed = None
     if ids is not None and full is not None:  # audited --speech-vocab-only
         changed = int(torch.argmax(full[j])) != int(ids[int(torch.argmax(logits))])
-    _record(st, StepRecord(st.pos, token, modality, depth, action, filled=filled, vocab_changed=changed))
-
-
-def _record(st: _State, rec: StepRecord) -> None:
-    st.records.append(rec)
-    st.seq.append(rec.token)
-
-
-def _step(st: _State) -> None:
-    bb, cfg, N = st.bb, st.cfg, st.bb.num_layers
-    tracker = st.tracker
-    st.trackers.append(tracker)
-    modality = next_modality(cfg.interleave, tracker)
-    policy = st.speech_policy if modality == "speech" else st.text_policy
-    action, L = policy.plan(chunk_index(modality, tracker))
-    pos = st.pos
-    h = bb.embed(torch.tensor([[st.seq[-1]]], device=bb.device))
-    carry, rows_start = _run_layers(st, h, pos, pos, range(L if L else N))
-    if L:
-        head_logits = st.heads(L, carry[:, -1:])[0, 0].float()
-        st.meter.matrix(st.heads.cost(L), 1, "head")
-        if action == "exit" or _entropy(head_logits) < policy.threshold:
-            st.pend_h[:, rows_start : pos + 1] = carry
-            idx, probs = _draw(head_logits, cfg, st.gen)
-            ids = st.heads.token_ids
-            if probs is not None and cfg.verify:  # the proposal distribution, over the whole vocabulary
-                q = torch.zeros(bb.vocab_size)
-                q[ids.cpu() if ids is not None else slice(None)] = probs.cpu()
-                st.early_probs[pos] = q
-            token = int(ids[idx]) if ids is not None else idx
-            _record(st, StepRecord(pos, token, modality, L, "early", filled=pos - rows_start))
-            return
-        carry, rows_start = _run_layers(st, carry, rows_start, pos, range(L, N))
-        action = "fallback"
-    else:
-        action = "full"
-    n_pending = pos - rows_start
-    speech_rows = [st.records[p - (st.prompt_len - 1)].modality == "speech" for p in range(rows_start, pos)]
-    full, restricted = _project(
-        st, bb.final_norm(carry), speech_rows + [modality == "speech"], cfg.audit_vocab
+    rec = StepRecord(
+        tr.pos, token, modality, plan.bb.num_layers, action, filled=filled, vocab_changed=changed
     )
-    if _check_pending(st, full, restricted, rows_start, n_pending):
-        st.wasted += 1  # this step's own pass served the check only
-        return
-    _emit_full(st, full, restricted, n_pending, modality, N, action, filled=n_pending)
+    rec.misplanned = misplanned(modality, plan.kind_of(token))
+    tr.append(rec, state)
+    run.meters[b].step(action)
+    run.batch_meter.step(action)
 
 
-def _flush(st: _State) -> bool:
-    """Fill the deep layers of the pending tail (so the cache is complete) and check its tokens."""
-    bb, last = st.bb, st.pos - 1  # the newest token is not fed yet
-    rows_start = min(st.cache.next_position(bb.num_layers - 1), last + 1)
-    if rows_start > last:
-        return False
-    carry, rows_start = _run_layers(st, None, last + 1, last, range(bb.num_layers))
-    speech_rows = [
-        st.records[p - (st.prompt_len - 1)].modality == "speech" for p in range(rows_start, last + 1)
-    ]
-    full, restricted = _project(st, bb.final_norm(carry), speech_rows, audit=False)
-    return _check_pending(st, full, restricted, rows_start, last + 1 - rows_start)
+def _emit_early(run: _Run, b: int, logits: torch.Tensor, rp: _RowPlan, filled: int) -> None:
+    plan, tr = run.plan, run.traces[b]
+    cfg, ids = plan.cfg, plan.heads.token_ids
+    logits = _penalize(logits, tr.seq, cfg.repetition_penalty, ids)
+    idx, probs = _draw(logits, cfg, tr.gen)
+    if probs is not None and cfg.verify:  # the proposal distribution, over the whole vocabulary
+        q = torch.zeros(plan.bb.vocab_size)
+        q[ids.cpu() if ids is not None else slice(None)] = probs.cpu()
+        tr.early_probs[tr.pos] = q
+    token = _token(idx, ids)
+    rec = StepRecord(tr.pos, token, rp.modality, rp.depth, "early", filled=filled)
+    rec.misplanned = misplanned(rp.modality, plan.kind_of(token))
+    tr.append(rec, rp.state)
+    run.meters[b].step("early")
+    run.batch_meter.step("early")
+
+
+def _plan_row(run: _Run, b: int) -> _RowPlan:
+    plan, tr = run.plan, run.traces[b]
+    state = tr.state(plan)
+    modality = next_modality(plan.cfg.interleave, state)
+    policy = plan.policy(modality)
+    action, L = policy.plan(chunk_index(modality, state), state.since_full, tr.run_len)
+    return _RowPlan(b, state, modality, policy, action, L if L else plan.bb.num_layers)
+
+
+def _step(run: _Run, rows: list[int]) -> None:
+    """One step for each of `rows`: early rows stop at their exit layer, the others go on."""
+    plan = run.plan
+    bb, N = plan.bb, plan.bb.num_layers
+    plans = [_plan_row(run, b) for b in rows]
+    h = bb.embed(torch.tensor([[run.traces[b].seq[-1]] for b in rows], device=bb.device))
+    carry = _Carry(list(rows), h, [run.traces[b].pos for b in rows], [1] * len(rows))
+    live = {rp.row: rp for rp in plans}
+    at = 0
+    for depth in sorted({rp.depth for rp in plans if rp.depth < N}):
+        carry = run.run_layers(carry, range(at, depth))
+        at = depth
+        here = [j for j, b in enumerate(carry.rows) if live[b].depth == depth]
+        last = carry.last()  # [R, 1, H]
+        hl = last if len(here) == len(carry.rows) else last[here]
+        head_logits = plan.heads(depth, hl).float().reshape(len(here), -1)
+        run._meter_matrix(plan.heads.cost(depth), [carry.rows[j] for j in here], len(here), "head")
+        keep = [j for j in range(len(carry.rows)) if j not in here]
+        for n, j in enumerate(here):
+            b, rp = carry.rows[j], live[carry.rows[j]]
+            if rp.action == "exit" or _entropy(head_logits[n]) < rp.policy.threshold:
+                tr = run.traces[b]
+                s = carry.start[j]
+                run.pend_h[b, s : s + carry.count[j]] = carry.h[j, : carry.count[j]]
+                _emit_early(run, b, head_logits[n], rp, filled=tr.pos - s)
+            else:
+                rp.action, rp.depth = "fallback", N  # confidence too low: run on to the top
+                keep.append(j)
+        carry = carry.select(sorted(keep))
+        if not carry.rows:
+            return
+    carry = run.run_layers(carry, range(at, N))
+    _finish_full(run, carry, live)
+
+
+def _finish_full(run: _Run, carry: _Carry, live: dict[int, _RowPlan] | None) -> None:
+    """Project the last layer for every real state of the carry, check each row's pending early
+    tokens and emit its own token (`live` is None for a flush: no own token)."""
+    plan = run.plan
+    speech_rows, owner = [], []
+    for b, s, c in zip(carry.rows, carry.start, carry.count, strict=True):
+        tr = run.traces[b]
+        n_pending = c - (1 if live is not None else 0)
+        speech_rows += [tr.at(p).modality == "speech" for p in range(s, s + n_pending)]
+        if live is not None:
+            speech_rows.append(live[b].modality == "speech")
+        owner += [b] * c
+    audit = plan.cfg.audit_vocab and live is not None
+    full, restricted = run.project(plan.bb.final_norm(carry.flat()), speech_rows, owner, audit)
+    first = 0
+    for b, s, c in zip(carry.rows, carry.start, carry.count, strict=True):
+        tr = run.traces[b]
+        n_pending = c - (1 if live is not None else 0)
+        if _check_pending(run, b, full, restricted, first, s, n_pending):
+            if live is not None:
+                tr.wasted += 1  # this step's own pass served the check only
+        elif live is not None:
+            rp = live[b]
+            _emit_full(
+                run, b, full, restricted, first + n_pending, rp.state, rp.modality, rp.action, n_pending
+            )
+        first += c
+
+
+def _flush(run: _Run, rows: list[int]) -> list[int]:
+    """Fill the deep layers of finished rows' pending tails (so their caches are complete) and check
+    their tokens; returns the rows that a rejection brought back to life."""
+    N = run.plan.bb.num_layers
+    pending = [b for b in rows if run.cache.next_position(N - 1, b) < run.traces[b].pos]
+    if not pending:
+        return []
+    h = run.pend_h.new_zeros(len(pending), 0, run.pend_h.shape[-1])
+    carry = _Carry(pending, h, [run.traces[b].pos for b in pending], [0] * len(pending))
+    carry = run.run_layers(carry, range(N))
+    before = {b: run.traces[b].rejections for b in pending}
+    _finish_full(run, carry, None)
+    return [b for b in pending if run.traces[b].rejections > before[b] and _unfinished(run, b)]
+
+
+def _unfinished(run: _Run, b: int) -> bool:
+    tr, cfg = run.traces[b], run.plan.cfg
+    return len(tr.records) < cfg.max_new_tokens and tr.records[-1].token not in run.plan.stop_ids
 
 
 # ---------------------------------------------------------------------------------------------
 # public API
 
 
-def _validate(bb: Backbone, heads: ExitHeads, prompt: Sequence[int], cfg: GenerationConfig):
-    V = bb.vocab_size
-    if len(prompt) == 0:
-        raise SparkeeError("the prompt is empty: give at least one token")
-    bad = [t for t in prompt if not 0 <= int(t) < V]
-    if bad:
-        raise SparkeeError(f"prompt token id {bad[0]} is outside the vocabulary (0..{V - 1})")
-    return check_config(bb, heads, cfg)
-
-
 def check_config(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig):
     """Check a configuration against a model and heads; returns (speech policy, text policy, speech set)."""
+    plan = make_plan(bb, heads, cfg, prompt_len=1)
+    return plan.speech_policy, plan.text_policy, plan.speech_set
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
+def make_plan(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig, prompt_len: int) -> Plan:
     N, V = bb.num_layers, bb.vocab_size
     if cfg.max_new_tokens < 1:
         raise SparkeeError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
+    limit = context_limit(bb)
+    if limit is not None and prompt_len + cfg.max_new_tokens > limit:
+        raise SparkeeError(
+            f"prompt ({prompt_len}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's context "
+            f"length of {limit} positions"
+        )
+    if not (_finite(cfg.temperature) and _finite(cfg.top_p) and _finite(cfg.repetition_penalty)):
+        raise SparkeeError("temperature, top_p and repetition_penalty must be finite numbers")
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
         raise SparkeeError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+    if cfg.repetition_penalty <= 0:
+        raise SparkeeError(f"repetition_penalty must be positive, got {cfg.repetition_penalty}")
     sp = cfg.speech_policy if isinstance(cfg.speech_policy, Policy) else parse_policy(cfg.speech_policy)
     tp = cfg.text_policy if isinstance(cfg.text_policy, Policy) else parse_policy(cfg.text_policy)
     for pol in (sp, tp):
@@ -420,15 +767,30 @@ def check_config(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig):
             )
     if tp.uses_heads and heads.token_ids is not None:
         raise SparkeeError("these heads are restricted to a token set, so they cannot serve text steps")
+    if tp.kind == "adaptive":
+        raise SparkeeError("spar-k:adaptive is a speech policy: its run length follows speech refreshes")
+    rule = parse_accept(cfg.accept)
+    distance = None
+    if rule.kind == "unit-distance":
+        distance = resolve_distance(cfg.unit_distance)
+        if distance is None:
+            raise SparkeeError(
+                "acceptance rule unit-distance needs a distance plug-in (--unit-distance refslm|module:attr)"
+            )
     if cfg.speech_ids is not None:
         a, b = cfg.speech_ids
         if not 0 <= a < b <= V:
             raise SparkeeError(f"speech id range {a}:{b} is outside the vocabulary (need 0 <= A < B <= {V})")
-    for t in list(cfg.stop_ids) + list(cfg.control_ids or []):
+    il = cfg.interleave
+    for t in list(cfg.stop_ids) + list(cfg.control_ids or []) + list(il.text_end_ids if il else []):
         if not 0 <= int(t) < V:
-            raise SparkeeError(f"token id {t} (stop or control token) is outside the vocabulary (0..{V - 1})")
-    if cfg.interleave and cfg.interleave.text_end_id is not None and not 0 <= cfg.interleave.text_end_id < V:
-        raise SparkeeError(f"text-end id {cfg.interleave.text_end_id} is outside the vocabulary (0..{V - 1})")
+            raise SparkeeError(
+                f"token id {t} (stop, control or text-end token) is outside the vocabulary (0..{V - 1})"
+            )
+    if il and il.text_end_id is not None and not 0 <= il.text_end_id < V:
+        raise SparkeeError(f"text-end id {il.text_end_id} is outside the vocabulary (0..{V - 1})")
+    if il and il.format == "auto" and cfg.speech_ids is None:
+        raise SparkeeError("the auto interleave format needs the speech token range (--speech-ids A:B)")
     if cfg.prefill_pool is not None:
         cfg.prefill_pool.check(N)
         if cfg.speech_ids is None:
@@ -443,7 +805,26 @@ def check_config(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig):
             speech_set = speech_token_set(cfg, V).to(bb.lm_head.weight.device)
         else:
             raise SparkeeError("--speech-vocab-only needs the speech token range (--speech-ids A:B)")
-    return sp, tp, speech_set
+    control = set(int(t) for t in cfg.stop_ids) | set(int(t) for t in cfg.control_ids or [])
+    return Plan(
+        bb,
+        heads,
+        cfg,
+        sp,
+        tp,
+        rule,
+        distance,
+        speech_set,
+        frozenset(int(t) for t in cfg.stop_ids),
+        frozenset(control),
+        prompt_len + cfg.max_new_tokens + 1,
+    )
+
+
+def context_limit(bb: Backbone) -> int | None:
+    """Longest sequence the model was built for (max_position_embeddings), if it says."""
+    n = getattr(bb.config, "max_position_embeddings", None) or getattr(bb.config, "seq_length", None)
+    return int(n) if n else None
 
 
 def speech_token_set(cfg: GenerationConfig, vocab_size: int) -> torch.Tensor:
@@ -457,107 +838,138 @@ def speech_token_set(cfg: GenerationConfig, vocab_size: int) -> torch.Tensor:
     return ids[(ids >= 0) & (ids < vocab_size)].unique(sorted=True)
 
 
-class Generation:
-    """A streaming generation: iterate for tokens as they are produced, then call `result()`."""
+def _check_prompt(bb: Backbone, prompt: Sequence[int], where: str = "the prompt") -> None:
+    V = bb.vocab_size
+    if len(prompt) == 0:
+        raise SparkeeError(f"{where} is empty: give at least one token")
+    bad = [t for t in prompt if not 0 <= int(t) < V]
+    if bad:
+        raise SparkeeError(f"{where} has token id {bad[0]}, outside the vocabulary (0..{V - 1})")
 
-    def __init__(self, bb: Backbone, heads: ExitHeads | None, prompt: Sequence[int], cfg: GenerationConfig):
+
+def _calibrate_wanted(cfg: GenerationConfig) -> bool:
+    if cfg.calibrate is not None:
+        return cfg.calibrate
+    return os.environ.get("SPARKEE_NO_CALIBRATE", "") not in ("1", "true", "yes")
+
+
+class BatchGeneration:
+    """A streaming generation of one or more prompts: iterate for tokens as they are produced
+    (`Emitted.row` says whose), then call `results()`."""
+
+    def __init__(
+        self, bb: Backbone, heads: ExitHeads | None, prompts: Sequence[Sequence[int]], cfg: GenerationConfig
+    ):
         heads = heads if heads is not None else ExitHeads(bb, "logit-lens")
-        sp, tp, speech_set = _validate(bb, heads, prompt, cfg)
-        max_len = len(prompt) + cfg.max_new_tokens + 1
-        cache = LayeredKVCache(
-            bb.num_layers, max_len, bb.num_kv_heads, bb.head_dim, bb.dtype, bb.layer_devices
-        )
-        meter = CostMeter(
-            layer_params=bb.layer_params,
-            kv_per_pos=[2 * bb.num_kv_heads * bb.head_dim] * bb.num_layers,
-            attn_width=bb.config.num_attention_heads * bb.head_dim,
-            hidden=bb.hidden_size,
-            vocab=bb.vocab_size,
-        )
-        pend_h = torch.zeros(1, max_len, bb.hidden_size, dtype=bb.dtype, device=bb.device)
-        gen = None
-        if cfg.temperature > 0:
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-        self._st = _State(
-            bb, heads, cfg, sp, tp, speech_set, cache, meter, pend_h, [int(t) for t in prompt], len(prompt)
-        )
-        self._st.trackers.append(TrackerState())
-        self._st.gen = gen
+        if len(prompts) == 0:
+            raise SparkeeError("no prompts to generate from")
+        for n, p in enumerate(prompts):
+            _check_prompt(bb, p, "the prompt" if len(prompts) == 1 else f"prompt {n + 1}")
+        plan = make_plan(bb, heads, cfg, max(len(p) for p in prompts))
+        self.calibration = cost.load_or_calibrate(bb, heads) if _calibrate_wanted(cfg) else None
+        seeds = [None if cfg.seed is None else cfg.seed + n for n in range(len(prompts))]
+        self._run = _Run(plan, [list(p) for p in prompts], seeds)
         self._times = (0.0, 0.0)
-        self._prefill_macs = 0.0
-        self._done = False
-        self._iter = self._run()
+        self._iter = self._loop()
 
     def __iter__(self) -> Iterator[Emitted]:
         return self._iter
 
-    def _confirmed(self, upto: int) -> Iterator[Emitted]:
-        st = self._st
-        while st.emitted < upto:
-            r = st.records[st.emitted]
-            yield Emitted(st.emitted, r.token, r.modality, r.exit_layer)
-            st.emitted += 1
+    def _confirmed(self, b: int, upto: int) -> Iterator[Emitted]:
+        tr = self._run.traces[b]
+        while tr.emitted < upto:
+            r = tr.records[tr.emitted]
+            yield Emitted(tr.emitted, r.token, r.modality, r.exit_layer, b)
+            tr.emitted += 1
 
-    def _finished(self) -> bool:
-        st = self._st
-        return len(st.records) >= st.cfg.max_new_tokens or st.records[-1].token in set(st.cfg.stop_ids)
+    def _stream(self, b: int) -> Iterator[Emitted]:
+        run = self._run
+        tr = run.traces[b]
+        # in verified mode, stream only what a full pass has confirmed
+        if not run.plan.cfg.verify or run.cache.next_position(run.plan.bb.num_layers - 1, b) >= tr.pos:
+            yield from self._confirmed(b, len(tr.records))
 
-    def _run(self) -> Iterator[Emitted]:
-        st = self._st
+    def _loop(self) -> Iterator[Emitted]:
+        run = self._run
+        B = len(run.traces)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            _prefill(st)
+            for b in range(B):
+                _prefill(run, b)
             t1 = time.perf_counter()
-            self._prefill_macs = st.meter.macs
             # costs below are decode costs; the all-full baseline excludes prefill too
-            st.meter.macs = st.meter.reads = 0.0
-            yield from self._confirmed(len(st.records))
-            while True:
-                if self._finished():
-                    if _flush(st):  # verified mode rejected a pending token: generation goes on
-                        yield from self._confirmed(len(st.records))
-                        continue
-                    break
-                _step(st)
-                # in verified mode, stream only what a full pass has confirmed
-                if not st.cfg.verify or st.cache.next_position(st.bb.num_layers - 1) >= st.pos:
-                    yield from self._confirmed(len(st.records))
-            yield from self._confirmed(len(st.records))
+            self._prefill_meters = [m.snapshot() for m in run.meters]
+            for m in [*run.meters, run.batch_meter]:
+                m.reset()
+            for b in range(B):
+                yield from self._confirmed(b, len(run.traces[b].records))
+            active = list(range(B))
+            while active:
+                finished = [b for b in active if not _unfinished(run, b)]
+                if finished:
+                    revived = _flush(run, finished)
+                    for b in finished:
+                        if b not in revived:
+                            run.traces[b].done = True
+                            yield from self._confirmed(b, len(run.traces[b].records))
+                    active = [b for b in active if not run.traces[b].done]
+                    for b in revived:
+                        yield from self._stream(b)
+                    continue
+                _step(run, active)
+                for b in active:
+                    yield from self._stream(b)
             self._times = (t1 - t0, time.perf_counter() - t1)
-        self._done = True
 
-    def result(self) -> GenerationResult:
+    def results(self) -> list[GenerationResult]:
         for _ in self._iter:
             pass
-        st = self._st
+        run = self._run
         prefill_s, decode_s = self._times
-        stats = compute_stats(
-            st.records,
-            st.bb.num_layers,
-            st.meter,
-            st.prompt_len,
-            decode_s,
-            prefill_s,
-            st.rejections,
-            st.wasted,
-        )
-        N, P = st.bb.num_layers, st.prompt_len
-        stats["prefill_flops"] = 2 * self._prefill_macs
-        stats["prompt_len"] = P
-        stats["prompt_len_first_layer"] = P - st.cache.shift[0]
-        stats["prompt_len_last_layer"] = P - st.cache.shift[N - 1]
-        stats["kv_bytes"] = st.cache.nbytes()
-        new = st.seq[st.prompt_len :]
-        return GenerationResult(
-            prompt=st.seq[: st.prompt_len],
-            tokens=new,
-            modalities=[r.modality for r in st.records],
-            exit_layers=[r.exit_layer for r in st.records],
-            steps=st.records,
-            stats=stats,
-            cache=st.cache,
-        )
+        plan = run.plan
+        N = plan.bb.num_layers
+        out = []
+        total_new = 0
+        for b, tr in enumerate(run.traces):
+            stats = compute_stats(tr, N, run.meters[b], decode_s, prefill_s, self.calibration, plan)
+            P = tr.prompt_len
+            stats["prefill_flops"] = 2 * self._prefill_meters[b]["macs"]
+            stats["prompt_len"] = P
+            stats["prompt_len_first_layer"] = P - run.cache.shift[0][b]
+            stats["prompt_len_last_layer"] = P - run.cache.shift[N - 1][b]
+            stats["kv_bytes"] = run.cache.nbytes(b)
+            total_new += max(len(tr.records) - 1, 0)
+            out.append(
+                GenerationResult(
+                    prompt=tr.seq[:P],
+                    tokens=tr.seq[P:],
+                    modalities=[r.modality for r in tr.records],
+                    exit_layers=[r.exit_layer for r in tr.records],
+                    steps=tr.records,
+                    stats=stats,
+                    cache=run.cache.row(b),
+                    meter=run.meters[b],
+                )
+            )
+        if len(out) > 1:
+            batch = cost.batch_stats(
+                run.batch_meter, [tr for tr in run.traces], N, decode_s, self.calibration, plan
+            )
+            for r in out:
+                r.stats.update(batch)
+        return out
+
+
+class Generation(BatchGeneration):
+    """A streaming generation of one prompt: iterate for tokens as they come, then call `result()`."""
+
+    def __init__(self, bb: Backbone, heads: ExitHeads | None, prompt: Sequence[int], cfg: GenerationConfig):
+        if len(prompt) == 0:
+            raise SparkeeError("the prompt is empty: give at least one token")
+        super().__init__(bb, heads, [prompt], cfg)
+
+    def result(self) -> GenerationResult:
+        return self.results()[0]
 
 
 def stream(
@@ -572,3 +984,20 @@ def generate(
 ) -> GenerationResult:
     """Generate to completion and return tokens, per-step trace and stats."""
     return Generation(bb, heads, prompt, cfg or GenerationConfig()).result()
+
+
+def stream_batch(
+    bb: Backbone, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, heads: ExitHeads | None = None
+) -> BatchGeneration:
+    """Start a batched generation; events carry their row index (`Emitted.row`)."""
+    return BatchGeneration(bb, heads, prompts, cfg)
+
+
+def generate_batch(
+    bb: Backbone,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerationConfig | None = None,
+    heads: ExitHeads | None = None,
+) -> list[GenerationResult]:
+    """Decode several prompts in one loop; each result equals the prompt decoded alone (greedy)."""
+    return BatchGeneration(bb, heads, prompts, cfg or GenerationConfig()).results()

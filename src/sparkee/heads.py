@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .backbone import Backbone
+from .backbone import FINGERPRINT_VERSION, Backbone
 from .errors import SparkeeError
 
 HEAD_KINDS = ("logit-lens", "tuned-lens", "full")
@@ -93,6 +93,17 @@ class ExitHeads(torch.nn.Module):
             h = h + self.per_layer[str(layer)](h)
         return bb.project(bb.final_norm(h), self.token_ids)
 
+    def use_fast_kernels(self) -> None:
+        """Run the heads' own linear layers with the backbone's measured kernels (inference only:
+        the packed copies are made from the current weights)."""
+        from .kernels import fast_linear
+
+        for k, m in self.per_layer.items():
+            if isinstance(m, torch.nn.Linear):
+                self.per_layer[k] = fast_linear(m, self.backbone)
+            elif isinstance(m, torch.nn.ModuleDict):
+                m["proj"] = fast_linear(m["proj"], self.backbone)
+
     def cost(self, layer: int) -> int:
         """Weight elements read (= multiply-adds per row) to evaluate the head once."""
         H = self.hidden_size
@@ -109,6 +120,7 @@ class ExitHeads(torch.nn.Module):
             "vocab_size": str(self.vocab_size),
             "token_set_size": str(self.out_size if self.token_ids is not None else 0),
             "fingerprint": self.fingerprint,
+            "fingerprint_version": str(FINGERPRINT_VERSION),
         }
 
     def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
@@ -142,7 +154,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def load_heads(path: str | Path, backbone: Backbone) -> ExitHeads:
     """Load heads saved by `ExitHeads.save`; heads made for another backbone are refused."""
     meta = read_metadata(path)
-    if meta["fingerprint"] != backbone.fingerprint():
+    version = int(meta.get("fingerprint_version", "1"))  # files written before version 2 lack the field
+    if version not in (1, FINGERPRINT_VERSION) or meta["fingerprint"] != backbone.fingerprint(version):
         raise SparkeeError(
             f"heads file '{path}' was made for another model (fingerprint {meta['fingerprint']}, "
             f"this model is {backbone.fingerprint()}); train heads for this model with `sparkee train-heads`"
@@ -155,6 +168,7 @@ def load_heads(path: str | Path, backbone: Backbone) -> ExitHeads:
     dev, dt = backbone.lm_head.weight.device, backbone.dtype
     heads.per_layer.load_state_dict({k: v.to(dev, dt) for k, v in tensors.items()})
     heads.eval()
+    heads.use_fast_kernels()
     return heads
 
 

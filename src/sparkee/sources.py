@@ -1,16 +1,18 @@
-"""Prompt sources for head training, layer reports and evaluation (`--data SOURCE`).
+"""Prompt files for head training, layer reports and evaluation (`--data SOURCE`).
 
-SOURCE is one of:
-- a JSONL file, one prompt per line: {"prompt_ids": [1, 2, 3]} or {"prompt": "text"} (needs a
-  tokenizer in the model directory); other keys ride along as metadata;
+This module reads files only; what a text prompt becomes is the model's business, so callers pass
+the model profile's `encode_text` (see profiles.py, which also serves `refslm:SPLIT`). SOURCE is:
+- a JSONL file, one JSON object per line: {"prompt_ids": [1, 2, 3]} or {"prompt": "text"}; other
+  keys ride along as metadata (e.g. "question" and "accepted" answers for evaluation);
 - a directory saved by the `datasets` library (`Dataset.save_to_disk`) with a `prompt_ids`,
-  `input_ids`, `prompt` or `text` column;
-- `refslm:train`, `refslm:dev` or `refslm:test`: the reference model's spoken-QA splits.
+  `input_ids`, `prompt` or `text` column.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from .errors import SparkeeError
 
 ID_KEYS = ("prompt_ids", "input_ids")
 TEXT_KEYS = ("prompt", "text")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+EncodeText = Callable[[str], list[int]]
 
 
 @dataclass
@@ -26,29 +31,39 @@ class PromptItem:
     meta: dict = field(default_factory=dict)  # e.g. the QA example a prompt came from
 
 
-def _from_record(rec: dict, where: str, tokenizer) -> PromptItem:
+def prompts_digest(items: list[PromptItem]) -> str:
+    """A short hash of prompts and their metadata: resumable runs use it to tell data apart."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.ids, it.meta], sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise SparkeeError(f"--limit must be at least 1, got {limit} (leave it out to use every prompt)")
+
+
+def _from_record(rec: object, where: str, encode_text: EncodeText | None) -> PromptItem:
     if not isinstance(rec, dict):
         raise SparkeeError(f"{where} is not a JSON object with a 'prompt_ids' or 'prompt' key")
     for k in ID_KEYS:
         if k in rec:
             ids = rec[k]
-            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+            ok = isinstance(ids, list) and ids and all(type(t) is int and t >= 0 for t in ids)
+            if not ok:
                 raise SparkeeError(f"{where}: '{k}' must be a non-empty list of token ids")
             return PromptItem(ids, {m: v for m, v in rec.items() if m != k})
     for k in TEXT_KEYS:
         if k in rec:
-            if tokenizer is None:
+            if encode_text is None:
                 raise SparkeeError(
-                    f"{where} has text prompts but the model directory has no tokenizer; use prompt_ids"
+                    f"{where} has a text prompt but the model has no tokenizer; give prompt_ids instead"
                 )
-            ids = tokenizer(str(rec[k]))["input_ids"]
-            if not ids:
-                raise SparkeeError(f"{where}: the prompt text encodes to no tokens")
+            ids = encode_text(str(rec[k]))
             return PromptItem(ids, {m: v for m, v in rec.items() if m != k} | {"text": rec[k]})
     raise SparkeeError(f"{where} has none of the keys {', '.join(ID_KEYS + TEXT_KEYS)}")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def load_tokenizer(model_dir: str | Path | None):
@@ -60,49 +75,45 @@ def load_tokenizer(model_dir: str | Path | None):
     if not any((d / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+        # AutoTokenizer picks the class from the model type (a Qwen2 config gives a BPE tokenizer
+        # built from vocab.json), so a plain tokenizer.json that the config names is loaded as is
+        cfg = (
+            json.loads((d / "tokenizer_config.json").read_text())
+            if (d / "tokenizer_config.json").is_file()
+            else {}
+        )
+        if cfg.get("tokenizer_class") == "PreTrainedTokenizerFast" and (d / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(d)
         return AutoTokenizer.from_pretrained(d)
     except Exception:  # noqa: BLE001 - no usable tokenizer: text prompts will be refused
         return None
 
 
-def load_prompts(
-    source: str, model_dir: str | Path | None = None, limit: int | None = None, fmt: str | None = None
-) -> list[PromptItem]:
-    """Read prompts from SOURCE (see the module docstring); an empty or malformed source is refused.
-
-    `fmt` picks one interleave format for sources that hold each prompt in both (refslm:*)."""
-    if source.startswith("refslm:"):
-        from .presets import refslm_prompts
-
-        split = source.split(":", 1)[1]
-        items = refslm_prompts(split, formats=(fmt,) if fmt else ("padded", "early-stop"))
+def read_prompt_file(source: str, encode_text: EncodeText | None) -> list[PromptItem]:
+    """Every prompt of a JSONL file or a saved `datasets` directory; empty or malformed is refused."""
+    p = Path(source)
+    if p.is_dir():
+        items = _from_datasets_dir(p, encode_text)
+    elif p.is_file():
+        items = []
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise SparkeeError(f"line {n} of '{source}' is not valid JSON") from None
+            items.append(_from_record(rec, f"line {n} of '{source}'", encode_text))
     else:
-        p = Path(source)
-        tokenizer = None
-        if p.is_dir():
-            items = _from_datasets_dir(p, model_dir)
-        elif p.is_file():
-            items = []
-            for n, line in enumerate(p.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise SparkeeError(f"line {n} of '{source}' is not valid JSON") from None
-                if tokenizer is None and any(k in rec for k in TEXT_KEYS) and isinstance(rec, dict):
-                    tokenizer = load_tokenizer(model_dir)
-                items.append(_from_record(rec, f"line {n} of '{source}'", tokenizer))
-        else:
-            raise SparkeeError(f"data source '{source}' is neither a file, a directory nor refslm:SPLIT")
+        raise SparkeeError(f"data source '{source}' is neither a file, a directory nor refslm:SPLIT")
     if not items:
         raise SparkeeError(f"data source '{source}' holds no prompts")
-    return items[:limit] if limit else items
+    return items
 
 
-def _from_datasets_dir(p: Path, model_dir) -> list[PromptItem]:
+def _from_datasets_dir(p: Path, encode_text: EncodeText | None) -> list[PromptItem]:
     try:
         import datasets
     except ImportError:
@@ -115,5 +126,4 @@ def _from_datasets_dir(p: Path, model_dir) -> list[PromptItem]:
         raise SparkeeError(f"'{p}' is a directory but not one saved by datasets.save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    tokenizer = load_tokenizer(model_dir) if any(k in ds.column_names for k in TEXT_KEYS) else None
-    return [_from_record(dict(r), f"row {i} of '{p}'", tokenizer) for i, r in enumerate(ds)]
+    return [_from_record(dict(r), f"row {i} of '{p}'", encode_text) for i, r in enumerate(ds)]

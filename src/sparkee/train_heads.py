@@ -1,6 +1,6 @@
 """Train layer-specific exit heads by distillation from the frozen backbone (METHOD.md section 2).
 
-1. Pseudo-labels: full-depth generation on each prompt with the model's default decoding, then one
+1. Pseudo-labels (labels.py): full-depth generation on each prompt with the model's default decoding, then one
    teacher-forced pass over the generated sequence keeps, for every generated step, the hidden
    state at each requested layer and the last layer's (normalised) state, from which the teacher
    distribution is recomputed on the fly (storing [steps, vocab] targets would not fit).
@@ -9,15 +9,17 @@
 
 Runs the same under `accelerate launch`: prompts are sharded across processes for labelling and
 the heads are trained data-parallel (gradients averaged by DDP). Both stages resume after an
-interruption from files in the work directory (safetensors only).
+interruption from files in the work directory (safetensors only), keyed on every setting that
+made them. The learning rate follows transformers' cosine schedule with linear warm-up.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,59 +29,12 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .errors import SparkeeError
-from .generate import GenerationConfig, generate
+from .generate import GenerationConfig
 from .heads import ExitHeads
-from .sources import PromptItem
+from .labels import Labels, collect_labels, layer_metrics, teacher_logits
+from .sources import PromptItem, prompts_digest
 
-
-@dataclass
-class Labels:
-    """Teacher-forced states of generated steps. M rows, one per generated step."""
-
-    layers: list[int]
-    hidden: torch.Tensor  # [len(layers), M, H] state after each requested layer
-    final: torch.Tensor  # [M, H] last layer, after the final norm
-    speech: torch.Tensor  # [M] bool: the step was a speech step
-    tokens: torch.Tensor  # [M] token the full model produced
-    example: torch.Tensor  # [M] index of the prompt the row came from
-
-    def __len__(self) -> int:
-        return self.final.shape[0]
-
-    def select(self, rows: torch.Tensor) -> Labels:
-        return Labels(
-            self.layers,
-            self.hidden[:, rows],
-            self.final[rows],
-            self.speech[rows],
-            self.tokens[rows],
-            self.example[rows],
-        )
-
-    def layer(self, layer: int) -> torch.Tensor:
-        return self.hidden[self.layers.index(layer)]
-
-    def save(self, path: Path, meta: dict[str, str]) -> None:
-        t = {k: getattr(self, k).contiguous() for k in ("hidden", "final", "speech", "tokens", "example")}
-        save_file(t, str(path), metadata={**meta, "layers": json.dumps(self.layers)})
-
-    @classmethod
-    def load(cls, path: Path) -> tuple[Labels, dict]:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(json.loads(meta["layers"]), **t), meta
-
-    @classmethod
-    def cat(cls, parts: list[Labels]) -> Labels:
-        return cls(
-            parts[0].layers,
-            torch.cat([p.hidden for p in parts], 1),
-            torch.cat([p.final for p in parts]),
-            torch.cat([p.speech for p in parts]),
-            torch.cat([p.tokens for p in parts]),
-            torch.cat([p.example for p in parts]),
-        )
+WARMUP_STEPS = 20
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
@@ -105,76 +60,32 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def collect_labels(
-    bb: Backbone,
-    prompts: list[PromptItem],
-    cfg_for: Callable[[PromptItem], GenerationConfig],
-    layers: list[int],
-    indices: list[int] | None = None,
-    desc: str = "labels",
-) -> Labels:
-    """Full-depth generation, then one teacher-forced pass per prompt keeping the requested layers.
+def check_training(
+    steps: int, batch_size: int, lr: float, val_fraction: float, stop_after: int | None = None
+) -> None:
+    """Refuse numbers that cannot describe a training run, before any labelling is paid for."""
+    if steps < 1:
+        raise SparkeeError(f"--steps must be at least 1, got {steps}")
+    if batch_size < 1:
+        raise SparkeeError(f"--batch-size must be at least 1, got {batch_size}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise SparkeeError(f"--lr must be a positive number, got {lr}")
+    if not 0 < val_fraction < 1:
+        raise SparkeeError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if stop_after is not None and stop_after < 1:
+        raise SparkeeError(f"--stop-after must be at least 1, got {stop_after}")
 
-    `cfg_for(item)` gives each prompt its decoding (a prompt may fix its own interleave format);
-    `indices` are the prompt numbers recorded in `Labels.example` (default 0..n-1).
+
+def lr_factor(warmup: int, total: int) -> Callable[[int], float]:
+    """transformers' linear warm-up then cosine decay to zero, as a pure function of the step.
+
+    Taken from a scheduler on a throwaway optimizer: the real optimizer's learning rate is set
+    from the step at every step, so a resumed run follows exactly the schedule of a straight one.
     """
-    parts = []
-    indices = indices if indices is not None else list(range(len(prompts)))
-    for n, item in zip(indices, tqdm(prompts, desc=desc, leave=False), strict=True):
-        res = generate(bb, item.ids, cfg_for(item))
-        seq = item.ids + res.tokens[:-1]  # step k fed position len(prompt) - 1 + k
-        with torch.inference_mode():
-            out = bb.model(torch.tensor([seq], device=bb.device), output_hidden_states=True, use_cache=False)
-        rows = slice(len(item.ids) - 1, len(seq))
-        hs = out.hidden_states  # hs[L] = state after L layers; hs[-1] is already normalised
-        parts.append(
-            Labels(
-                layers,
-                torch.stack([hs[layer][0, rows].float().cpu() for layer in layers]),
-                hs[-1][0, rows].float().cpu(),
-                torch.tensor([m == "speech" for m in res.modalities]),
-                torch.tensor(res.tokens),
-                torch.full((len(res.tokens),), n),
-            )
-        )
-    return Labels.cat(parts)
+    from transformers import get_cosine_schedule_with_warmup
 
-
-def teacher_logits(bb: Backbone, final: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
-    with torch.no_grad():
-        return bb.project(final.to(bb.dtype), token_ids).float()
-
-
-def layer_metrics(bb: Backbone, heads: ExitHeads, labels: Labels, batch: int = 512) -> dict[int, dict]:
-    """Per layer: KL(last || head) in nats and top-1 agreement, over all rows and split by modality."""
-    sums: dict[int, dict[str, float]] = {L: {} for L in labels.layers}
-    for i in range(0, len(labels), batch):
-        sl = slice(i, i + batch)
-        t = teacher_logits(bb, labels.final[sl], heads.token_ids)
-        logp_t = t.log_softmax(-1)
-        top_t = t.argmax(-1)
-        sp = labels.speech[sl]
-        for L in labels.layers:
-            with torch.no_grad():
-                s = heads(L, labels.layer(L)[sl].to(bb.dtype)).float()
-            logq = s.log_softmax(-1)
-            kl = (logp_t.exp() * (logp_t - logq)).sum(-1)
-            agree = (s.argmax(-1) == top_t).float()
-            acc = sums[L]
-            for name, mask in (("all", torch.ones_like(sp)), ("speech", sp), ("text", ~sp)):
-                acc[f"kl_{name}"] = acc.get(f"kl_{name}", 0.0) + float(kl[mask].sum())
-                acc[f"agree_{name}"] = acc.get(f"agree_{name}", 0.0) + float(agree[mask].sum())
-                acc[f"n_{name}"] = acc.get(f"n_{name}", 0.0) + float(mask.sum())
-    out = {}
-    for L, acc in sums.items():
-        row = {}
-        for name in ("all", "speech", "text"):
-            n = acc[f"n_{name}"]
-            row[f"kl_{name}"] = acc[f"kl_{name}"] / n if n else None
-            row[f"agree_{name}"] = acc[f"agree_{name}"] / n if n else None
-            row[f"n_{name}"] = int(n)
-        out[L] = row
-    return out
+    scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return get_cosine_schedule_with_warmup(scratch, warmup, total).lr_lambdas[0]
 
 
 class DistillLoss(torch.nn.Module):
@@ -193,20 +104,25 @@ class DistillLoss(torch.nn.Module):
         return loss / len(self.heads.layers)
 
 
-def _save_state(path: Path, heads: ExitHeads, opt: torch.optim.Optimizer, step: int) -> None:
+def _save_state(path: Path, heads: ExitHeads, opt: torch.optim.Optimizer, step: int, key: str) -> None:
     tensors = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.per_layer.state_dict().items()}
     sd = opt.state_dict()
     for idx, st in sd["state"].items():
         for name, val in st.items():
             tensors[f"opt.{idx}.{name}"] = torch.as_tensor(val).cpu().contiguous()
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "param_groups": json.dumps(sd["param_groups"])})
+    meta = {"step": str(step), "key": key, "param_groups": json.dumps(sd["param_groups"])}
+    save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)  # atomic: an interruption never leaves half a checkpoint
 
 
-def _load_state(path: Path, heads: ExitHeads, opt: torch.optim.Optimizer) -> int:
+def _load_state(path: Path, heads: ExitHeads, opt: torch.optim.Optimizer, key: str) -> int:
+    """The step a saved run reached (0 when the file holds a run with other settings)."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
+        if meta.get("key") != key:
+            _note(f"{path.name} holds training with other settings; training afresh")
+            return 0
         t = {k: f.get_tensor(k) for k in f.keys()}
     heads.per_layer.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("heads.")})
     state: dict = {}
@@ -230,6 +146,7 @@ def distill(
     checkpoint_every: int = 100,
     accelerator=None,
     stop_after: int | None = None,
+    state_key: str = "",
 ) -> bool:
     """Train `heads` in place. Rows are drawn in a seeded order that a resumed run reproduces.
 
@@ -245,16 +162,13 @@ def distill(
     module = DistillLoss(heads)
     opt = torch.optim.AdamW(heads.per_layer.parameters(), lr=lr, weight_decay=0.0)
 
-    def lr_at(
-        step: int,
-    ) -> float:  # short warm-up, then cosine to zero; a function of the step, so resumes match
-        return lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
+    factor = lr_factor(min(WARMUP_STEPS, max(1, steps // 10)), steps)
     if accelerator is not None:
         module, opt = accelerator.prepare(module, opt)
+    raw_opt = opt.optimizer if hasattr(opt, "optimizer") else opt  # accelerate wraps it
     start = 0
     if state_path is not None and state_path.is_file():
-        start = _load_state(state_path, heads, opt.optimizer if hasattr(opt, "optimizer") else opt)
+        start = _load_state(state_path, heads, raw_opt, state_key)
     is_main = accelerator is None or accelerator.is_main_process
     gen = torch.Generator().manual_seed(seed)
     per_epoch = max(1, len(train) // batch_size)
@@ -271,7 +185,7 @@ def distill(
         target = teacher_logits(bb, train.final[rows], heads.token_ids).log_softmax(-1)
         loss = module(hidden, target)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr * factor(step)
         opt.zero_grad(set_to_none=True)
         if accelerator is not None:
             accelerator.backward(loss)
@@ -281,22 +195,31 @@ def distill(
         if is_main:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if state_path is not None and is_main and ((step + 1) % checkpoint_every == 0 or step + 1 == end):
-            _save_state(state_path, heads, opt.optimizer if hasattr(opt, "optimizer") else opt, step + 1)
+            _save_state(state_path, heads, raw_opt, step + 1, state_key)
     heads.eval()
     return end == steps
 
 
-def _labels_cached(path: Path, meta: dict[str, str], make) -> Labels:
-    """Reuse labels saved by an interrupted run when they were made from the same inputs."""
+def _labels_cached(path: Path, key: str, make: Callable[[], Labels]) -> Labels:
+    """Reuse labels saved by an interrupted run only when they were made from the same inputs."""
     if path.is_file():
         labels, saved = Labels.load(path)
-        if all(saved.get(k) == v for k, v in meta.items()):
+        if saved.get("key") == key:
             return labels
+        _note(f"{path.name} was made with other settings; labelling afresh")
     labels = make()
     tmp = path.with_suffix(".tmp")
-    labels.save(tmp, meta)
+    labels.save(tmp, {"key": key})
     tmp.replace(path)
     return labels
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_training(
@@ -314,15 +237,25 @@ def run_training(
     val_fraction: float = 0.1,
     work_dir: Path | None = None,
     source_name: str = "",
-    cfg_for=None,
+    cfg_for: Callable[[PromptItem], GenerationConfig] | None = None,
     stop_after: int | None = None,
 ) -> dict:
-    """Label, distill, validate, save. Returns the validation metrics (also saved beside the heads)."""
+    """Label, distill, validate, save. Returns the validation metrics (also saved beside the heads).
+
+    The work directory is keyed on everything that makes the labels (model, prompts, decoding,
+    layers, split) and the heads (those plus head kind, token set, steps, batch size, learning
+    rate): files made with other settings are never reused, they are made afresh.
+    """
     from accelerate import Accelerator
 
+    from .profiles import config_json
+
+    check_training(steps, batch_size, lr, val_fraction, stop_after)
     acc = Accelerator(cpu=bb.device.type == "cpu")
     rank, world = acc.process_index, acc.num_processes
     work = work_dir or out.with_name(out.stem + ".work")
+    if work.exists() and not work.is_dir():
+        raise SparkeeError(f"work directory '{work}' is a file; give --work-dir a directory")
     work.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(prompts), generator=g).tolist()
@@ -337,21 +270,18 @@ def run_training(
             )
         return collect_labels(bb, [prompts[i] for i in idx], cfg_for, layers, indices=idx, desc=desc)
 
-    meta = {
-        "fingerprint": bb.fingerprint(),
-        "source": source_name,
-        "layers": json.dumps(layers),
-        "seed": str(seed),
-    }
+    # per-item configs derive from gen_cfg and the item's metadata, which the digest covers
+    made_from = (bb.fingerprint(), prompts_digest(prompts), config_json(gen_cfg), layers, seed, val_fraction)
     mine = train_idx[rank::world]  # prompts are sharded across processes
     train = _labels_cached(
         work / f"labels-train-{rank}of{world}.safetensors",
-        meta | {"n": str(len(mine))},
+        _key(*made_from, "train", rank, world),
         lambda: label(mine, f"labels[{rank}]"),
     )
     if token_ids is not None:
-        train = train.select(train.speech.nonzero().squeeze(1))
+        train = train.speech_rows()
     heads = ExitHeads(bb, kind, layers, token_ids)
+    token_set = None if token_ids is None else heads.token_ids.tolist()
     # labels are shared by every head trained from the same prompts; training state is not
     state = work / f"train-state-{kind}-{'speech' if token_ids is not None else 'all'}.safetensors"
     done = distill(
@@ -365,6 +295,7 @@ def run_training(
         state_path=state,
         accelerator=acc,
         stop_after=stop_after,
+        state_key=_key(*made_from, rank, world, kind, token_set, steps, batch_size, lr),
     )
     acc.wait_for_everyone()
     if not done:
@@ -372,12 +303,10 @@ def run_training(
     metrics: dict = {}
     if acc.is_main_process:
         val = _labels_cached(
-            work / "labels-val.safetensors",
-            meta | {"n": str(len(val_idx))},
-            lambda: label(val_idx, "val labels"),
+            work / "labels-val.safetensors", _key(*made_from, "val"), lambda: label(val_idx, "val labels")
         )
         if token_ids is not None:
-            val = val.select(val.speech.nonzero().squeeze(1))
+            val = val.speech_rows()
         lens = ExitHeads(bb, "logit-lens", layers, token_ids)
         metrics = {
             "heads": {str(k): v for k, v in layer_metrics(bb, heads, val).items()},

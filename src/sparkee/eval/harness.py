@@ -4,13 +4,18 @@ A *row* is one configuration of the paper's Table 2: an exit policy for text ste
 speech steps (`SPEECH` or `TEXT|SPEECH`). Examples run round-robin over the rows, so drift in
 machine load hits every row alike, and each finished (row, example) result is appended to
 `results.jsonl` at once: a rerun skips what is there, Ctrl-C loses nothing finished, and an
-example that raises is recorded with its error while the run goes on.
+example that raises is recorded with its error while the run goes on (and is retried by a rerun).
+`manifest.json` records everything that determines a result (model, heads, data, decoding,
+measures, code); a rerun with other settings is refused instead of mixing old and new results.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -19,10 +24,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..backbone import Backbone
+from ..errors import SparkeeError
 from ..generate import GenerationConfig, check_config, generate
 from ..heads import ExitHeads
 from ..schedule import parse_pair, parse_policy
 from ..sources import PromptItem
+from .measures import Measures
+from .scoring import accuracy, verdict, wer
+
+RESULTS = "results.jsonl"
+MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,8 @@ def parse_rows(
         rows.append(Row(text, speech))
     if sweep:
         a, b = parse_pair(sweep, "--sweep-exit-layers")
+        if a >= b:
+            raise SparkeeError(f"--sweep-exit-layers A:B needs A < B (layers A..B-1), got '{sweep}'")
         swept = []
         for r in rows:
             swept.append(r)
@@ -87,19 +100,6 @@ def parse_rows(
 
 
 @dataclass
-class Measures:
-    """How tokens become text, speech transcripts, audio and verdicts for one model."""
-
-    text_of: Callable[[list[int]], str]
-    speech_of: Callable[[list[int]], list[int]]
-    judge: Callable[[str, str, dict], bool]
-    transcriber: Callable[[list[int]], str] | None = None
-    vocoder: Callable | None = None
-    asr: Callable | None = None
-    mos: Callable | None = None
-
-
-@dataclass
 class EvalRun:
     bb: Backbone
     heads: ExitHeads
@@ -118,16 +118,73 @@ def _key(row: Row, i: int) -> str:
 
 
 def _load_done(path: Path) -> dict[str, dict]:
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill: redo that one
-                    continue
-                done[rec["key"]] = rec
+    """Finished results by key (a later line for a key replaces an earlier one).
+
+    A line that is not a whole result (cut short by a kill, or damaged) is dropped from the file
+    before anything is appended, so the file never keeps an invalid line; its example is redone.
+    """
+    done: dict[str, dict] = {}
+    if not path.is_file():
+        return done
+    lines = path.read_text().splitlines()
+    good = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+            good.append(line)
+            done[rec["key"]] = rec
+    if len(good) != len(lines) or (lines and not path.read_bytes().endswith(b"\n")):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(g + "\n" for g in good))
+        tmp.replace(path)
     return done
+
+
+@functools.cache
+def code_version() -> str:
+    """sparkee's version and a hash of its source files: results of other code are not reused.
+
+    Computed once per process: the code running is the code imported, whatever the files say now."""
+    from .. import __version__
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def prepare_out(out: Path, manifest: dict, fresh: bool) -> None:
+    """Start a run in `out`: refuse to resume results made with other settings, or (--fresh)
+    remove them; then record this run's manifest."""
+    if out.exists() and not out.is_dir():
+        raise SparkeeError(f"--out '{out}' is a file; give a directory for the results")
+    path, results = out / MANIFEST, out / RESULTS
+    if fresh:
+        results.unlink(missing_ok=True)
+        for d in ("audio", ".pending-audio"):
+            shutil.rmtree(out / d, ignore_errors=True)
+    elif results.is_file() and results.stat().st_size > 0:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        changed = [k for k in manifest if old.get(k) != manifest[k]]
+        if changed:
+            raise SparkeeError(
+                f"'{out}' holds results made with other settings ({', '.join(changed)}); "
+                "rerun with --fresh to replace them or give another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def _row_config(cfg: GenerationConfig, row: Row, verify: bool) -> GenerationConfig:
@@ -159,9 +216,9 @@ def evaluate_one(run: EvalRun, row: Row, i: int, item: PromptItem) -> dict:
         "stats": {k: res.stats[k] for k in STAT_KEYS},
     }
     question = meta.get("question", "")
-    rec["text_ok"] = bool(m.judge(question, text, meta))
+    rec["text_ok"] = verdict(m.judge, question, text, meta)
     rec["speech_transcript"] = m.transcriber(speech_ids) if m.transcriber is not None else ""
-    rec["speech_ok"] = bool(m.judge(question, rec["speech_transcript"], meta))
+    rec["speech_ok"] = verdict(m.judge, question, rec["speech_transcript"], meta)
     keep = i < run.audio_examples
     measures_audio = m.mos is not None or m.asr is not None
     if m.vocoder is not None and speech_ids and (keep or measures_audio):
@@ -181,7 +238,7 @@ def audio_measures(run: EvalRun, rec: dict, item: PromptItem) -> dict:
     wav = run.out / (rec.get("audio") or rec["pending_wav"])
     if m.asr is not None:
         rec["asr_transcript"] = m.asr(wav)
-        rec["asr_ok"] = bool(m.judge(meta.get("question", ""), rec["asr_transcript"], meta))
+        rec["asr_ok"] = verdict(m.judge, meta.get("question", ""), rec["asr_transcript"], meta)
         if m.transcriber is None:  # no token-level transcript: the speech is judged by the ASR
             rec["speech_transcript"], rec["speech_ok"] = rec["asr_transcript"], rec["asr_ok"]
     if m.mos is not None:
@@ -217,15 +274,20 @@ STAT_KEYS = (
 
 
 def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
-    """Decode every (row, example), appending each result to results.jsonl as it completes."""
+    """Decode every (row, example), appending each result to results.jsonl as it completes.
+
+    Results already in the file are kept; examples that failed before are tried again."""
     for row in run.rows:  # settings that would fail every example fail here, once
         probe = run.prompts[0]
         check_config(run.bb, run.heads, _row_config(run.cfg_for(probe), row, run.verify))
     run.out.mkdir(parents=True, exist_ok=True)
-    path = run.out / "results.jsonl"
+    path = run.out / RESULTS
     done = _load_done(path)
     todo = [
-        (i, item, row) for i, item in enumerate(run.prompts) for row in run.rows if _key(row, i) not in done
+        (i, item, row)
+        for i, item in enumerate(run.prompts)
+        for row in run.rows
+        if _key(row, i) not in done or "error" in done[_key(row, i)]
     ]
     with path.open("a") as f:
         for i, item, row in tqdm(todo, desc="eval", disable=not progress, unit="run"):
@@ -255,13 +317,25 @@ def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
     return run.records
 
 
-def _wer(refs: list[str], hyps: list[str]) -> float | None:
-    import jiwer
+def failures(records: list[dict], rows: list[Row]) -> tuple[list[dict], list[str]]:
+    """(failed records, names of rows where every example failed)."""
+    failed = [r for r in records if "error" in r]
+    dead = [
+        row.name
+        for row in rows
+        if any(r["row"] == row.name for r in failed)
+        and not any(r["row"] == row.name and "error" not in r for r in records)
+    ]
+    return failed, dead
 
-    pairs = [(r.strip() or "<empty>", h.strip()) for r, h in zip(refs, hyps, strict=True)]
-    if not pairs:
-        return None
-    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
+
+def _speech_early_steps(rec: dict, num_layers: int) -> int:
+    """Speech steps that exited early: the steps `speech_agreement` is a rate over."""
+    return sum(
+        1
+        for layer, m in zip(rec["exit_layers"], rec["modalities"], strict=True)
+        if m == "s" and layer < num_layers
+    )
 
 
 def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dict]:
@@ -285,10 +359,15 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
                 if m == mod
             ]
             depth[key] = mean(layers)
-        agree_n = sum((r["stats"]["speech_agreement"] is not None) * r["stats"]["early_steps"] for r in rs)
+        # each example's agreement rate is over its early speech steps, so those are its weight
+        weights = [
+            _speech_early_steps(r, num_layers) if r["stats"]["speech_agreement"] is not None else 0
+            for r in rs
+        ]
         agree = (
-            sum((r["stats"]["speech_agreement"] or 0) * r["stats"]["early_steps"] for r in rs) / agree_n
-            if agree_n
+            sum((r["stats"]["speech_agreement"] or 0) * w for r, w in zip(rs, weights, strict=True))
+            / sum(weights)
+            if sum(weights)
             else None
         )
         shared = [r for r in rs if r["example"] in full_wall]
@@ -302,10 +381,10 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
             "speech_policy": row.speech,
             "n": n,
             "errors": sum(1 for r in records if r.get("row") == row.name and "error" in r),
-            "accuracy_speech": mean([r["speech_ok"] for r in rs]),
-            "accuracy_text": mean([r["text_ok"] for r in rs]),
-            "accuracy_asr": mean([r["asr_ok"] for r in rs if "asr_ok" in r]),
-            "wer": _wer([r["text"] for r in rs], [r["speech_transcript"] for r in rs]),
+            "accuracy_speech": accuracy([r["speech_ok"] for r in rs]),
+            "accuracy_text": accuracy([r["text_ok"] for r in rs]),
+            "accuracy_asr": accuracy([r.get("asr_ok") for r in rs]),
+            "wer": wer([r["text"] for r in rs], [r["speech_transcript"] for r in rs]),
             "mos": mean([r["mos"] for r in rs if r.get("mos") is not None]),
             "avg_exit_layer_text": depth["text"],
             "avg_exit_layer_speech": depth["speech"],

@@ -10,10 +10,10 @@ from pathlib import Path
 
 COLUMNS = [
     ("policy", "policy (text|speech)", None),
-    ("accuracy_speech", "acc. speech %", "pct"),
-    ("accuracy_text", "acc. text %", "pct"),
+    ("accuracy_speech", "acc. speech %", "score"),
+    ("accuracy_text", "acc. text %", "score"),
     ("accuracy_asr", "acc. ASR %", "pct"),
-    ("wer", "align. WER %", "pct"),
+    ("wer", "align. WER %", "score"),
     ("mos", "MOS", "f2"),
     ("avg_exit_layer_text", "avg exit text", "f2"),
     ("avg_exit_layer_speech", "avg exit speech", "f2"),
@@ -30,8 +30,9 @@ COLUMNS = [
 
 def _cell(v, kind) -> str:
     if v is None:
-        return "-"
-    if kind == "pct":
+        # a score without anything to score (no reference answers, no text) is "n/a", not 0
+        return "n/a" if kind == "score" else "-"
+    if kind in ("pct", "score"):
         return f"{100 * v:.1f}"
     if kind == "f2":
         return f"{v:.2f}"
@@ -45,10 +46,10 @@ def _cell(v, kind) -> str:
 
 
 def _columns(summary: list[dict]) -> list[tuple]:
-    # drop columns no row has a value for (no MOS plug-in, no ASR plug-in); prefill columns only
-    # matter when some row pools the prompt
+    # drop columns no row has a value for (no MOS plug-in, no ASR plug-in), except the scores,
+    # which say "n/a"; prefill columns only matter when some row pools the prompt
     pooled = any(s.get("pool") for s in summary)
-    keep = [c for c in COLUMNS if any(s.get(c[0]) is not None for s in summary)]
+    keep = [c for c in COLUMNS if c[2] == "score" or any(s.get(c[0]) is not None for s in summary)]
     return [c for c in keep if pooled or c[0] not in ("prefill_flops_reduction_pct", "kv_bytes", "ttft_s")]
 
 

@@ -22,12 +22,40 @@ app = typer.Typer(
 )
 
 SRC_HELP = "the downloaded checkpoint directory (config.json and weight shards)"
-DST_HELP = "where to write the converted checkpoint (new or empty directory)"
+DST_HELP = "where to write the converted checkpoint (a new or empty directory)"
+ASSETS_HELP = (
+    "copy (default) or link: how non-LM assets such as token2wav/ reach DST (link = symlinks to SRC)"
+)
+SET_HELP = (
+    "KEY=VALUE filling or overriding a field of the source config (VALUE as JSON), e.g. rope_theta=1000000"
+)
+EOS_HELP = "comma-separated EOS ids, when neither the config nor the tokenizer files give them"
 
 
-def _run(fn, src: Path, dst: Path, as_json: bool) -> None:
+def _parse_ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
     try:
-        report = fn(src, dst, log=(lambda m: None) if as_json else (lambda m: typer.echo(m, err=True)))
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SparkeeError(f"--eos-ids must be comma-separated whole numbers, got '{text}'") from None
+    if not ids or any(i < 0 for i in ids):
+        raise SparkeeError(f"--eos-ids must be comma-separated whole numbers, got '{text}'")
+    return ids
+
+
+def _run(fn, src: Path, dst: Path, as_json: bool, assets: str, set_items: list[str] | None, eos_ids) -> None:
+    from .convert import parse_set
+
+    try:
+        report = fn(
+            src,
+            dst,
+            log=(lambda m: None) if as_json else (lambda m: typer.echo(m, err=True)),
+            assets=assets,
+            set_config=parse_set(set_items),
+            eos_ids=_parse_ids(eos_ids),
+        )
     except SparkeeError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -37,10 +65,16 @@ def _run(fn, src: Path, dst: Path, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
+        assets_note = (
+            f"; {'linked' if report['assets_mode'] == 'link' else 'copied'} assets {', '.join(report['assets'])}"
+            if report["assets"]
+            else ""
+        )
         typer.echo(
             f"wrote {report['architecture']} ({report['num_layers']} layers, vocab {report['vocab_size']}, "
-            f"{report['tensors_out']} tensors in {report['shards']} shards) to {report['dst']}; "
-            f"dropped {len(report['dropped'])} tensors; copied {len(report['copied_files'])} tokenizer files"
+            f"{report['tensors_out']} tensors in {report['shards']} shards, EOS {report['eos_token_id']}) to "
+            f"{report['dst']}; dropped {len(report['dropped'])} tensors; copied "
+            f"{len(report['copied_files'])} tokenizer files{assets_note}; see {report['dst']}/README.md"
         )
 
 
@@ -49,11 +83,14 @@ def glm_4_voice(
     src: Path = typer.Argument(..., help=SRC_HELP),
     dst: Path = typer.Argument(..., help=DST_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the conversion report as JSON"),
+    assets: str = typer.Option("copy", "--assets", help=ASSETS_HELP),
+    set_items: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    eos_ids: str = typer.Option(None, "--eos-ids", help=EOS_HELP),
 ) -> None:
     """GLM-4-Voice-9B (ChatGLM layout) -> GlmForCausalLM."""
     from .convert import convert_glm4_voice
 
-    _run(convert_glm4_voice, src, dst, as_json)
+    _run(convert_glm4_voice, src, dst, as_json, assets, set_items, eos_ids)
 
 
 @app.command("step-audio-2-mini")
@@ -61,8 +98,11 @@ def step_audio_2_mini(
     src: Path = typer.Argument(..., help=SRC_HELP),
     dst: Path = typer.Argument(..., help=DST_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the conversion report as JSON"),
+    assets: str = typer.Option("copy", "--assets", help=ASSETS_HELP),
+    set_items: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    eos_ids: str = typer.Option(None, "--eos-ids", help=EOS_HELP + " (Step-Audio-2: the id of <|EOT|>)"),
 ) -> None:
     """Step-Audio-2-mini's language model -> Qwen2ForCausalLM (audio encoder and adapter dropped)."""
     from .convert import convert_step_audio2
 
-    _run(convert_step_audio2, src, dst, as_json)
+    _run(convert_step_audio2, src, dst, as_json, assets, set_items, eos_ids)

@@ -17,33 +17,87 @@ converts well within 24 GiB of RAM. Tensors keep their stored dtype.
 - Step-Audio-2-mini -> `Qwen2ForCausalLM`: `model.*` and `lm_head.*` are kept, the audio
   `encoder.*` and `adapter.*` tensors are dropped (their names are in the report).
 
-Files that are not weights, weight indexes or model configs (the tokenizer files) are copied.
+Nothing is guessed: a config that lacks the rotary base, the context length or another field
+the layout needs is refused with one sentence naming the `set_config` key (`--set KEY=VALUE`)
+that supplies it, and the EOS ids come from the config or the tokenizer files (Step-Audio-2:
+`<|EOT|>`, not the base model's 151643) or `eos_ids`. Next to the weights and `config.json`
+the output holds `generation_config.json` (EOS and, for Step-Audio-2, the official sampling),
+the tokenizer files, the non-LM assets (sub-directories such as Step-Audio-2's `token2wav/`,
+and other plain files) copied or symlinked, and a README.md naming each of them.
+
+The output is written into a hidden temporary sibling of the destination and renamed into
+place at the end; any failure (a truncated shard, a bad tensor, Ctrl-C) removes it, so a retry
+starts clean. Shards are checked before anything is written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from ..errors import SparkeeError
+from .tokens import find_token_ids
 
 INDEX_NAME = "model.safetensors.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-# not copied: weights, indexes, the model's own configs and remote modelling code
+# the language model's weights in any of the usual names and formats (a download may hold the same
+# weights twice, e.g. safetensors and .bin): never carried; other weight files (a vocoder's .pt) are assets
+LM_WEIGHTS = re.compile(
+    r"((model|pytorch_model|tf_model|flax_model|consolidated)([-.][^/]*)?\.(safetensors|bin|h5|msgpack|pt|pth)|.*\.gguf)$"
+)
+# the model's own configs, weight indexes and remote modelling code: replaced, not carried over
 SKIP_FILES = re.compile(
     r"(.*\.index\.json|config\.json|generation_config\.json|configuration_.*\.py|modeling_.*\.py)$"
 )
+# tokenizer files (always copied: prompts and presets read them)
+TOKENIZER_NAMES = re.compile(
+    r"(tokenizer.*|vocab\.(json|txt)|merges\.txt|added_tokens\.json|special_tokens_map\.json|"
+    r"chat_template\.(jinja|json)|tokenization_.*\.py|.*\.tiktoken)$"
+)
+ASSET_MODES = ("copy", "link")
+# what we know of the assets the two models ship (for the output README)
+KNOWN_ASSETS = {
+    "token2wav": "Step-Audio-2's speech decoder (CosyVoice-2 flow + HiFT vocoder, speaker and speech "
+    "tokenizer ONNX models), loaded by Step-Audio2's token2wav.py: `Token2wav('<this folder>/token2wav')`",
+    "speech_tokenizer": "a speech tokenizer",
+    "glm-4-voice-tokenizer": "GLM-4-Voice's whisper-VQ speech tokenizer (12.5 Hz)",
+    "glm-4-voice-decoder": "GLM-4-Voice's speech decoder (flow + HiFT), loaded by GLM-4-Voice's flow_inference.py",
+}
 
 Log = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------------------------
 # reading and writing shards
+
+
+def check_shard(f: Path) -> None:
+    """Refuse a truncated or corrupt shard before anything is written (safetensors: its header and
+    size; torch zip files: the central directory at the end, which a cut-off download lacks)."""
+    if f.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError and OS errors alike
+            raise SparkeeError(
+                f"weight shard '{f}' is truncated or corrupt ({e}): download it again"
+            ) from None
+    elif f.suffix == ".bin":
+        with open(f, "rb") as fh:
+            head = fh.read(2)
+        if head == b"PK" and not zipfile.is_zipfile(f):
+            raise SparkeeError(
+                f"weight shard '{f}' is truncated or corrupt (its zip directory is missing): download it again"
+            )
 
 
 class ShardReader:
@@ -65,12 +119,14 @@ class ShardReader:
             if p.is_file():
                 try:
                     weight_map = json.loads(p.read_text())["weight_map"]
-                except (ValueError, KeyError):
+                except (ValueError, KeyError, TypeError):
                     raise SparkeeError(f"weight index '{p}' is not valid JSON with a weight_map") from None
                 files = sorted({src / f for f in weight_map.values()})
                 missing = [f.name for f in files if not f.is_file()]
                 if missing:
                     raise SparkeeError(f"weight index '{p}' names shard '{missing[0]}', which is missing")
+                for f in files:
+                    check_shard(f)
                 return files, sorted(weight_map)
         st = sorted(src.glob("*.safetensors"))
         if st:
@@ -78,11 +134,14 @@ class ShardReader:
 
             names: list[str] = []
             for f in st:
+                check_shard(f)
                 with safe_open(str(f), "pt") as h:
                     names.extend(h.keys())
             return st, sorted(names)
         bins = sorted(src.glob("pytorch_model*.bin"))
         if bins:
+            for f in bins:
+                check_shard(f)
             return bins, None  # names known only after loading
         raise SparkeeError(
             f"'{src}' holds no weights: expected model.safetensors(.index.json) or pytorch_model*.bin"
@@ -94,14 +153,23 @@ class ShardReader:
 
     @staticmethod
     def load(f: Path) -> dict[str, torch.Tensor]:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(f))
         try:
-            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # old (non-zip) serialisation cannot be memory-mapped
-            return torch.load(f, map_location="cpu", weights_only=True)
+            if f.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                return load_file(str(f))
+            try:
+                return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(f, map_location="cpu", weights_only=True)  # old (non-zip) serialisation
+        except SparkeeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a shard that passed check_shard can still be cut inside
+            raise SparkeeError(
+                f"weight shard '{f}' is truncated or corrupt ({e}): download it again"
+            ) from None
 
 
 class ShardWriter:
@@ -149,28 +217,128 @@ def read_config(src: Path) -> dict:
     return cfg
 
 
-def prepare_dst(src: Path, dst: Path) -> None:
+def check_dst(src: Path, dst: Path) -> None:
+    """The destination must be new or an empty directory (nothing of a user's is overwritten)."""
     if dst.resolve() == src.resolve():
         raise SparkeeError("the destination must differ from the source directory")
     if dst.exists() and not dst.is_dir():
         raise SparkeeError(f"destination '{dst}' exists and is not a directory")
-    if dst.is_dir() and any(dst.glob("*.safetensors")):
-        raise SparkeeError(f"destination '{dst}' already holds weights: choose an empty directory")
-    dst.mkdir(parents=True, exist_ok=True)
+    if dst.is_dir() and any(dst.iterdir()):
+        what = "already holds weights" if any(dst.glob("*.safetensors")) else "is not empty"
+        raise SparkeeError(f"destination '{dst}' {what}: choose a new or empty directory")
+    if src.resolve() in dst.resolve().parents:
+        raise SparkeeError("the destination must not lie inside the source directory")
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
-    """Copy every plain file that is not a weight, index or model config; return (copied, skipped)."""
-    copied, skipped = [], []
+def _staging_dir(dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    if dst.is_dir():
+        dst.rmdir()  # empty (checked before): rename cannot replace a directory on every platform
+    os.replace(tmp, dst)
+
+
+def carry_files(
+    src: Path, dst: Path, assets: str = "copy", converted: frozenset[str] = frozenset()
+) -> dict[str, list[str]]:
+    """Copy the tokenizer files; copy or symlink (`assets`) everything else that is not LM weights,
+    configs or remote code: sub-directories (e.g. `token2wav/`) and other plain files. The source's
+    own README.md is kept as SOURCE_README.md (ours takes its name). Hidden entries are skipped.
+    LM weight files other than the `converted` ones (a second copy in another format) are listed
+    under "unused_weights"; remote modelling code under "not_carried"."""
+    if assets not in ASSET_MODES:
+        raise SparkeeError(f"unknown asset mode '{assets}': use copy or link")
+    out: dict[str, list[str]] = {"tokenizer": [], "assets": [], "not_carried": [], "unused_weights": []}
     for f in sorted(src.iterdir()):
-        if f.is_dir():
-            skipped.append(f.name + "/")  # e.g. Step-Audio-2's token2wav/ vocoder
-        elif f.suffix in WEIGHT_SUFFIXES or SKIP_FILES.fullmatch(f.name):
+        if f.name.startswith("."):
             continue
-        else:
+        if f.is_dir():
+            target = dst / f.name
+            if assets == "link":
+                os.symlink(f.resolve(), target, target_is_directory=True)
+            else:
+                shutil.copytree(f, target, symlinks=True)
+            out["assets"].append(f.name + "/")
+        elif LM_WEIGHTS.fullmatch(f.name) or SKIP_FILES.fullmatch(f.name):
+            if f.name.startswith(("modeling_", "configuration_")):
+                out["not_carried"].append(f.name)
+            elif LM_WEIGHTS.fullmatch(f.name) and f.name not in converted:
+                out["unused_weights"].append(f.name)
+            continue
+        elif TOKENIZER_NAMES.fullmatch(f.name):
             shutil.copy2(f, dst / f.name)
-            copied.append(f.name)
-    return copied, skipped
+            out["tokenizer"].append(f.name)
+        else:
+            name = "SOURCE_README.md" if f.name == "README.md" else f.name
+            if assets == "link":
+                os.symlink(f.resolve(), dst / name)
+            else:
+                shutil.copy2(f, dst / name)
+            out["assets"].append(name)
+    return out
+
+
+def write_generation_config(dst: Path, values: dict) -> None:
+    """generation_config.json through transformers' own class (it validates the values)."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(**values).save_pretrained(dst)
+
+
+def write_readme(dst: Path, report: dict) -> None:
+    lines = [
+        f"# {report['model']} language model for sparkee",
+        "",
+        f"Converted by `sparkee convert` from `{report['src']}` to `{report['architecture']}` "
+        f"({report['num_layers']} layers, vocabulary {report['vocab_size']}, {report['tensors_out']} tensors "
+        f"in {report['shards']} shards). Load it with `sparkee.load_model(dir)` or transformers' "
+        "`AutoModelForCausalLM.from_pretrained(dir)`; no remote code is needed.",
+        "",
+        "## Files",
+        "",
+        "- `config.json`, `model-*.safetensors`, `model.safetensors.index.json`: the language model.",
+        f"- `generation_config.json`: EOS {report['eos_token_id']}"
+        + (f", {report['sampling']}" if report.get("sampling") else "")
+        + ".",
+    ]
+    if report["copied_files"]:
+        lines.append(
+            "- tokenizer files (copied): " + ", ".join(f"`{n}`" for n in report["copied_files"]) + "."
+        )
+    verb = "symlinked to the source" if report["assets_mode"] == "link" else "copied"
+    for name in report["assets"]:
+        role = KNOWN_ASSETS.get(name.rstrip("/"), "not part of the language model; carried as is")
+        lines.append(f"- `{name}` ({verb}): {role}.")
+    if report["not_carried"]:
+        lines.append(
+            "- not carried: "
+            + ", ".join(f"`{n}`" for n in report["not_carried"])
+            + " (the source's remote modelling code; the converted model is a plain transformers class)."
+        )
+    if report["unused_weights"]:
+        lines.append(
+            "- not carried: "
+            + ", ".join(f"`{n}`" for n in report["unused_weights"])
+            + " (another copy of the language model's weights; the converted shards came from the others)."
+        )
+    if report["dropped"]:
+        groups: dict[str, int] = {}
+        for n in report["dropped"]:
+            groups[n.split(".", 1)[0]] = groups.get(n.split(".", 1)[0], 0) + 1
+        lines.append(
+            f"- dropped {len(report['dropped'])} tensors ("
+            + ", ".join(f"`{k}.*`: {v}" for k, v in sorted(groups.items()))
+            + "): not used by the language model (audio encoder and adapter, stored rotary tables)."
+        )
+    lines += [
+        "",
+        "Nothing here has run on the real weights inside sparkee's tests (tiny synthetic checkpoints only).",
+        "",
+    ]
+    (dst / "README.md").write_text("\n".join(lines))
 
 
 def _require(cfg: dict, keys: tuple[str, ...], what: str) -> None:
@@ -179,10 +347,24 @@ def _require(cfg: dict, keys: tuple[str, ...], what: str) -> None:
         raise SparkeeError(f"the {what} config lacks {', '.join(missing)}, so it is not a {what} checkpoint")
 
 
-def _eos_list(value, default: list[int]) -> list[int]:
+def _eos_list(value) -> list[int] | None:
     if value is None:
-        return list(default)
+        return None
     return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """`KEY=VALUE` strings (VALUE read as JSON when it parses, else as a string) -> dict."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SparkeeError(f"--set takes KEY=VALUE, got '{item}'")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def _check_names(names, expected: set[str], dropped: set[str], model: str) -> None:
@@ -206,53 +388,77 @@ def _convert(
     expected_in: set[str],
     is_dropped: Callable[[str], bool],
     log: Log,
+    generation: dict,
+    assets: str,
 ) -> dict:
-    """Shared loop: validate names, map shard by shard, write config, index and tokenizer files."""
+    """Shared loop: validate, map shard by shard into a staging directory, add config, generation
+    config, tokenizer files, assets and README, then rename the staging directory to `dst`."""
+    if assets not in ASSET_MODES:
+        raise SparkeeError(f"unknown asset mode '{assets}': use copy or link")
+    check_dst(src, dst)
     reader = ShardReader(src)
     if reader.key_names is not None:
         _check_names(reader.key_names, expected_in, {k for k in reader.key_names if is_dropped(k)}, model)
-    prepare_dst(src, dst)
-    writer = ShardWriter(dst, len(reader.files))
-    seen: list[str] = []
-    dropped: list[str] = []
-    n_out = 0
-    for f, tensors in reader.shards():
-        out: dict[str, torch.Tensor] = {}
-        for name in list(tensors):
-            t = tensors.pop(name)
-            seen.append(name)
-            mapped = mapping(name, t)
-            if mapped is None:
-                if not is_dropped(name):
-                    raise SparkeeError(
-                        f"tensor '{name}' is not part of the {model} layout this converter knows"
-                    )
-                dropped.append(name)
-                continue
-            out.update(mapped)
-        writer.write(out)
-        n_out += len(out)
-        log(f"{f.name}: {len(out)} tensors written")
-        del out, tensors
-    if reader.key_names is None:  # .bin without index: names known only now
-        _check_names(seen, expected_in, set(dropped), model)
-    writer.close()
-    config.save_pretrained(dst)
-    copied, skipped = copy_tokenizer_files(src, dst)
-    return {
-        "model": model,
-        "src": str(src),
-        "dst": str(dst),
-        "architecture": config.architectures[0],
-        "shards": len(reader.files),
-        "tensors_in": len(seen),
-        "tensors_out": n_out,
-        "dropped": dropped,
-        "copied_files": copied,
-        "skipped": skipped,
-        "num_layers": config.num_hidden_layers,
-        "vocab_size": config.vocab_size,
-    }
+    tmp = _staging_dir(dst)
+    try:
+        writer = ShardWriter(tmp, len(reader.files))
+        seen: list[str] = []
+        dropped: list[str] = []
+        n_out = 0
+        for f, tensors in reader.shards():
+            out: dict[str, torch.Tensor] = {}
+            for name in list(tensors):
+                t = tensors.pop(name)
+                seen.append(name)
+                mapped = mapping(name, t)
+                if mapped is None:
+                    if not is_dropped(name):
+                        raise SparkeeError(
+                            f"tensor '{name}' is not part of the {model} layout this converter knows"
+                        )
+                    dropped.append(name)
+                    continue
+                out.update(mapped)
+            writer.write(out)
+            n_out += len(out)
+            log(f"{f.name}: {len(out)} tensors written")
+            del out, tensors
+        if reader.key_names is None:  # .bin without index: names known only now
+            _check_names(seen, expected_in, set(dropped), model)
+        writer.close()
+        config.save_pretrained(tmp)
+        write_generation_config(tmp, generation)
+        carried = carry_files(src, tmp, assets, frozenset(f.name for f in reader.files))
+        sampling = {
+            k: generation[k]
+            for k in ("do_sample", "temperature", "top_p", "repetition_penalty")
+            if k in generation
+        }
+        report = {
+            "model": model,
+            "src": str(src),
+            "dst": str(dst),
+            "architecture": config.architectures[0],
+            "shards": len(reader.files),
+            "tensors_in": len(seen),
+            "tensors_out": n_out,
+            "dropped": dropped,
+            "copied_files": carried["tokenizer"],
+            "assets": carried["assets"],
+            "assets_mode": assets,
+            "not_carried": carried["not_carried"],
+            "unused_weights": carried["unused_weights"],
+            "num_layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size,
+            "eos_token_id": list(generation["eos_token_id"]),
+            "sampling": ", ".join(f"{k} {v}" for k, v in sampling.items()),
+        }
+        write_readme(tmp, report)
+        _publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,14 +473,37 @@ GLM_CONFIG_KEYS = (
     "num_attention_heads",
     "layernorm_epsilon",
 )
-GLM_DEFAULT_EOS = [151329, 151336, 151338]  # <|endoftext|>, <|user|>, <|observation|>
+GLM_EOS_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")  # GLM-4's EOS list, in order
 
 
-def glm_config_from_chatglm(cfg: dict):
-    """A transformers `GlmConfig` equivalent to a ChatGLM config.json (GLM-4 family)."""
+def _missing_field(what: str, key: str, why: str, hint: str) -> SparkeeError:
+    return SparkeeError(
+        f"the {what} config lacks {key}, so {why} is unknown: pass --set {key}=VALUE ({hint})"
+    )
+
+
+def glm_config_from_chatglm(cfg: dict, eos_ids: list[int] | None = None):
+    """A transformers `GlmConfig` equivalent to a ChatGLM config.json (GLM-4 family).
+
+    `eos_ids` stands in for a config without `eos_token_id` (else the tokenizer files are read by
+    the caller); the rotary base (`rope_ratio`) and context length (`seq_length`) are never guessed."""
     from transformers import GlmConfig
 
     _require(cfg, GLM_CONFIG_KEYS, "ChatGLM")
+    if "rope_ratio" not in cfg:
+        raise _missing_field(
+            "ChatGLM",
+            "rope_ratio",
+            "the rotary base (10000 x rope_ratio)",
+            "ChatGLM's configuration code defaults it to 1",
+        )
+    if "seq_length" not in cfg:
+        raise _missing_field(
+            "ChatGLM",
+            "seq_length",
+            "the context length",
+            "ChatGLM's configuration code defaults it to 2048: check the model card",
+        )
     unsupported = [
         ("rmsnorm", False),
         ("add_bias_linear", True),
@@ -294,10 +523,18 @@ def glm_config_from_chatglm(cfg: dict):
     else:
         groups = heads
     vocab = int(cfg["padded_vocab_size"])
-    eos = _eos_list(cfg.get("eos_token_id"), GLM_DEFAULT_EOS)
+    eos = eos_ids if eos_ids is not None else _eos_list(cfg.get("eos_token_id"))
+    if not eos:
+        raise SparkeeError(
+            "the ChatGLM config lacks eos_token_id and the tokenizer files do not list "
+            f"{', '.join(GLM_EOS_TOKENS)}: pass --eos-ids with the model's EOS ids"
+        )
+    bad = [e for e in eos if not 0 <= e < vocab]
+    if bad:
+        raise SparkeeError(f"EOS id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
     pad = cfg.get("pad_token_id")
     if pad is None or not 0 <= int(pad) < vocab:
-        pad = eos[0] if eos and eos[0] < vocab else 0
+        pad = eos[0]
     c = GlmConfig(
         vocab_size=vocab,
         hidden_size=int(cfg["hidden_size"]),
@@ -307,15 +544,15 @@ def glm_config_from_chatglm(cfg: dict):
         num_key_value_heads=groups,
         head_dim=int(cfg["kv_channels"]),
         rms_norm_eps=float(cfg["layernorm_epsilon"]),
-        max_position_embeddings=int(cfg.get("seq_length", 8192)),
+        max_position_embeddings=int(cfg["seq_length"]),
         rope_parameters={
             "rope_type": "default",
-            "rope_theta": 10000.0 * float(cfg.get("rope_ratio", 1.0)),
+            "rope_theta": 10000.0 * float(cfg["rope_ratio"]),
             "partial_rotary_factor": 0.5,
         },
         attention_bias=bool(cfg.get("add_qkv_bias", True)),
         pad_token_id=int(pad),
-        eos_token_id=eos,
+        eos_token_id=list(eos),
         tie_word_embeddings=False,
     )
     c.architectures = ["GlmForCausalLM"]
@@ -380,23 +617,65 @@ def glm_tensor_map(config) -> Callable[[str, torch.Tensor], dict[str, torch.Tens
     return mapping
 
 
-def convert_glm4_voice(src: str | Path, dst: str | Path, log: Log = print) -> dict:
+def _with_set(cfg: dict, set_config: dict | None) -> dict:
+    """The source config with `set_config` (the CLI's --set KEY=VALUE) filled in or overriding."""
+    return {**cfg, **(set_config or {})}
+
+
+def convert_glm4_voice(
+    src: str | Path,
+    dst: str | Path,
+    log: Log = print,
+    *,
+    assets: str = "copy",
+    set_config: dict | None = None,
+    eos_ids: list[int] | None = None,
+) -> dict:
     """Convert a GLM-4-Voice (ChatGLM-layout) checkpoint to a `GlmForCausalLM` directory.
 
+    EOS ids: `eos_ids`, else the config's `eos_token_id`, else `<|endoftext|>`, `<|user|>` and
+    `<|observation|>` from the tokenizer files. `generation_config.json` keeps the source's own
+    values (if any) with that EOS list; decoding stays greedy unless the source says otherwise.
     Returns a report: shards, tensors in/out, dropped tensors (the stored rotary `inv_freq`,
-    which transformers recomputes), copied tokenizer files and skipped sub-directories.
+    which transformers recomputes), tokenizer files, assets and files not carried.
     """
     src, dst = Path(src), Path(dst)
-    raw = read_config(src)
-    config = glm_config_from_chatglm(raw)
+    raw = _with_set(read_config(src), set_config)
+    if eos_ids is None and raw.get("eos_token_id") is None:
+        found = find_token_ids(src, GLM_EOS_TOKENS)
+        if all(t in found for t in GLM_EOS_TOKENS):
+            eos_ids = [found[t] for t in GLM_EOS_TOKENS]
+    config = glm_config_from_chatglm(raw, eos_ids)
     expected = glm_expected_names(config.num_hidden_layers, config.attention_bias)
 
     def is_dropped(name: str) -> bool:
         return name.endswith("rotary_pos_emb.inv_freq")
 
-    report = _convert(src, dst, "GLM-4-Voice", config, glm_tensor_map(config), expected, is_dropped, log)
+    gen = _source_generation(src)
+    gen.update(eos_token_id=list(config.eos_token_id), pad_token_id=config.pad_token_id)
+    report = _convert(
+        src, dst, "GLM-4-Voice", config, glm_tensor_map(config), expected, is_dropped, log, gen, assets
+    )
     report["rope_theta"] = config.rope_parameters["rope_theta"]
     return report
+
+
+def _source_generation(src: Path) -> dict:
+    """The sampling fields of the source's generation_config.json (ids are set by the caller)."""
+    try:
+        g = json.loads((src / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    keep = (
+        "do_sample",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "max_new_tokens",
+        "max_length",
+    )
+    return {k: g[k] for k in keep if isinstance(g, dict) and k in g}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,39 +693,55 @@ def step_llm_config(cfg: dict) -> dict:
     return cfg
 
 
-def qwen2_config_from_step(cfg: dict):
+def qwen2_config_from_step(cfg: dict, eos_ids: list[int], set_config: dict | None = None):
+    """A transformers `Qwen2Config` for Step-Audio-2's language model, EOS `eos_ids` (its `<|EOT|>`).
+
+    `set_config` (the CLI's --set) fills or overrides language-model fields; the rotary base, the
+    context length, the norm epsilon and the KV head count are never guessed."""
     from transformers import Qwen2Config
 
-    llm = step_llm_config(cfg)
-    _require(llm, STEP_LLM_KEYS, "Step-Audio-2 language-model")
+    llm = {**step_llm_config(cfg), **(set_config or {})}
+    what = "Step-Audio-2 language-model"
+    _require(llm, STEP_LLM_KEYS, what)
     heads = int(llm["num_attention_heads"])
-    kv = int(llm.get("num_key_value_heads") or llm.get("num_attention_groups") or heads)
+    kv = llm.get("num_key_value_heads") or llm.get("num_attention_groups")
+    if not kv:
+        raise _missing_field(what, "num_key_value_heads", "the number of KV heads", "Step-Audio-2-mini has 4")
     theta = llm.get("rope_theta")
     if theta is None and isinstance(llm.get("rope_parameters"), dict):
         theta = llm["rope_parameters"].get("rope_theta")
+    if theta is None:
+        raise _missing_field(what, "rope_theta", "the rotary base", "Qwen2.5-7B, its backbone, uses 1000000")
+    context = llm.get("max_position_embeddings") or llm.get("max_seq_len")
+    if not context:
+        raise _missing_field(what, "max_seq_len", "the context length", "see the model card")
+    if "rms_norm_eps" not in llm:
+        raise _missing_field(what, "rms_norm_eps", "the norm epsilon", "Qwen2.5-7B uses 1e-06")
     vocab = int(llm["vocab_size"])
-    eos = _eos_list(llm.get("eos_token_id", cfg.get("eos_token_id")), [151643])
-    pad = llm.get("pad_token_id", cfg.get("pad_token_id"))
+    bad = [e for e in eos_ids if not 0 <= e < vocab]
+    if bad:
+        raise SparkeeError(f"EOS id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    pad = llm.get("pad_token_id")
     if pad is None or not 0 <= int(pad) < vocab:
-        pad = eos[0]
+        pad = eos_ids[0]
     c = Qwen2Config(
         vocab_size=vocab,
         hidden_size=int(llm["hidden_size"]),
         intermediate_size=int(llm["intermediate_size"]),
         num_hidden_layers=int(llm["num_hidden_layers"]),
         num_attention_heads=heads,
-        num_key_value_heads=kv,
+        num_key_value_heads=int(kv),
         hidden_act=llm.get("hidden_act", "silu"),
-        max_position_embeddings=int(llm.get("max_position_embeddings") or llm.get("max_seq_len") or 16384),
-        rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)),
-        rope_parameters={"rope_type": "default", "rope_theta": float(theta if theta is not None else 1e6)},
+        max_position_embeddings=int(context),
+        rms_norm_eps=float(llm["rms_norm_eps"]),
+        rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
         tie_word_embeddings=False,
         use_sliding_window=False,
-        eos_token_id=eos,
+        eos_token_id=list(eos_ids),
         pad_token_id=int(pad),
     )
     c.architectures = ["Qwen2ForCausalLM"]
-    dtype = llm.get("torch_dtype") or cfg.get("torch_dtype")
+    dtype = llm.get("torch_dtype")
     if dtype:
         c.dtype = dtype
     return c
@@ -476,15 +771,47 @@ def qwen2_expected_names(num_layers: int) -> set[str]:
 AUDIO_PREFIXES = ("encoder.", "adapter.")
 
 
-def convert_step_audio2(src: str | Path, dst: str | Path, log: Log = print) -> dict:
+# Step-Audio-2's official sampling (stepfun-ai/Step-Audio2, stepaudio2.py, its speech examples)
+STEP_SAMPLING = {
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "repetition_penalty": 1.05,
+    "max_new_tokens": 4096,
+}
+
+
+def convert_step_audio2(
+    src: str | Path,
+    dst: str | Path,
+    log: Log = print,
+    *,
+    assets: str = "copy",
+    set_config: dict | None = None,
+    eos_ids: list[int] | None = None,
+) -> dict:
     """Convert Step-Audio-2-mini's language model to a `Qwen2ForCausalLM` directory.
 
     The audio encoder (`encoder.*`) and adapter (`adapter.*`) are dropped: the report lists
     their names under `dropped` (count under `dropped_count`), and one line says how many.
+    EOS is `<|EOT|>` read from the tokenizer files (or `eos_ids`), in config.json and in
+    generation_config.json, which also carries the official sampling (`STEP_SAMPLING`), so
+    transformers' own `generate` on the output stops and samples as Step-Audio-2's code does.
+    `token2wav/` (the vocoder) and other non-LM files are copied or symlinked (`assets`).
     """
     src, dst = Path(src), Path(dst)
     raw = read_config(src)
-    config = qwen2_config_from_step(raw)
+    # a config that is not Step-Audio-2's is named before its tokenizer files are looked at
+    _require({**step_llm_config(raw), **(set_config or {})}, STEP_LLM_KEYS, "Step-Audio-2 language-model")
+    if eos_ids is None:
+        eot = find_token_ids(src, ["<|EOT|>"]).get("<|EOT|>")
+        if eot is None:
+            raise SparkeeError(
+                f"the tokenizer files in '{src}' do not list <|EOT|>, Step-Audio-2's end-of-turn token: "
+                "put the model's tokenizer files there or pass --eos-ids with its id"
+            )
+        eos_ids = [eot]
+    config = qwen2_config_from_step(raw, eos_ids, set_config)
     expected = qwen2_expected_names(config.num_hidden_layers)
 
     def mapping(name: str, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -493,7 +820,9 @@ def convert_step_audio2(src: str | Path, dst: str | Path, log: Log = print) -> d
     def is_dropped(name: str) -> bool:
         return name.startswith(AUDIO_PREFIXES) or name.endswith("rotary_emb.inv_freq")
 
-    report = _convert(src, dst, "Step-Audio-2", config, mapping, expected, is_dropped, log)
+    gen = {**_source_generation(src), **STEP_SAMPLING}
+    gen.update(eos_token_id=list(eos_ids), pad_token_id=config.pad_token_id)
+    report = _convert(src, dst, "Step-Audio-2", config, mapping, expected, is_dropped, log, gen, assets)
     report["dropped_count"] = len(report["dropped"])
     groups: dict[str, int] = {}
     for name in report["dropped"]:
@@ -505,57 +834,3 @@ def convert_step_audio2(src: str | Path, dst: str | Path, log: Log = print) -> d
         + ", ".join(report["dropped"])
     )
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# token ids from tokenizer files (no tokenizer library needed)
-
-
-def read_json(p: Path) -> dict | list | None:
-    try:
-        return json.loads(p.read_text()) if p.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
-def find_token_ids(model_dir: Path, tokens: list[str]) -> dict[str, int]:
-    """Ids of `tokens` as listed by `tokenizer_config.json` ("added_tokens_decoder"),
-    `tokenizer.json` ("added_tokens" and the model vocab) or `added_tokens.json`; absent ones are left out."""
-    want = set(tokens)
-    found: dict[str, int] = {}
-    tc = read_json(model_dir / "tokenizer_config.json")
-    if isinstance(tc, dict) and isinstance(tc.get("added_tokens_decoder"), dict):
-        for i, entry in tc["added_tokens_decoder"].items():
-            content = entry.get("content") if isinstance(entry, dict) else None
-            if content in want:
-                found.setdefault(content, int(i))
-    tj = read_json(model_dir / "tokenizer.json")
-    if isinstance(tj, dict):
-        for entry in tj.get("added_tokens") or []:
-            if isinstance(entry, dict) and entry.get("content") in want:
-                found.setdefault(entry["content"], int(entry["id"]))
-        vocab = (tj.get("model") or {}).get("vocab")
-        if isinstance(vocab, dict):
-            for t in want - set(found):
-                if t in vocab:
-                    found[t] = int(vocab[t])
-    at = read_json(model_dir / "added_tokens.json")
-    if isinstance(at, dict):
-        for t in want - set(found):
-            if t in at:
-                found[t] = int(at[t])
-    return found
-
-
-def tokenizer_id(tokenizer, token: str, default: int) -> int:
-    """The tokenizer's id for a special token when it knows it, else `default`."""
-    conv = getattr(tokenizer, "convert_tokens_to_ids", None)
-    if conv is not None:
-        try:
-            i = conv(token)
-        except (KeyError, ValueError, TypeError):
-            i = None
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if isinstance(i, int) and i >= 0 and i != unk:
-            return i
-    return default

@@ -1,14 +1,19 @@
-"""Step-Audio-2-mini: decoding preset, chat prompt and checkpoint conversion.
+"""Step-Audio-2-mini: decoding preset, chat prompts (single and multi-turn) and checkpoint conversion.
 
-Token ids (read from the tokenizer files of a model directory when they list them, else these
-fixed defaults; `STEP_IDS` says which public source each default comes from):
-- speech: `<audio_N>` = 151696 + N (6561 CosyVoice-2 codes at 25 Hz, plus `<audio_6561>` used
-  as audio padding); the preset's speech range runs from 151696 to the vocabulary size (158720).
-- audio control tokens 151688..151695 (`<audio_patch>` = 151690 per Step-Audio-2's vLLM code;
-  `<tts_start>` 151693 and `<tts_end>` 151694 per the SGLang Step-Audio-2 parser tests).
-- `<|EOT|>` ends a turn: 151665 is the id Step-Audio-2's vLLM text config always adds to the EOS
-  list; `<|BOT|>` opens a turn: 151666 is an unverified default (the next added token). Pass the
-  real tokenizer (or a model directory with its tokenizer files) to be sure.
+Every special-token id is read from the model's own tokenizer (object or files); none is built
+in. The names and their roles, from public code:
+- `<audio_N>`: speech token N (CosyVoice-2 codes 0..6560 at 25 Hz); `<audio_6561>` pads spare
+  audio slots and `<tts_pad>` pads text slots once the text has ended, so the 1 text : 4 speech
+  ratio holds to the end; both are dropped before the vocoder (vllm-project/vllm,
+  vllm/audio_parser/step_audio_2_tts_ta4_parser.py, which names `<tts_start>`, `<tts_end>`,
+  `<audio_0>`, `<tts_pad>` and `<audio_6561>`).
+- `<|BOT|>{role}\\n...<|EOT|>` is a turn, the user role is written `human`, a spoken answer is
+  asked for by opening the assistant turn with `<tts_start>`, a previous spoken answer is
+  replayed as `<tts_start>` + its raw output ids + `<|EOT|>`, and `<|EOT|>` is the EOS; the
+  official sampling is temperature 0.7, top_p 0.9, repetition_penalty 1.05 (stepfun-ai/Step-Audio2,
+  stepaudio2.py: `StepAudio2.apply_chat_template` and its `__main__` examples).
+- audio id = token - 151696 (stepaudio2.py) is the public tokenizer's layout: `PUBLIC_IDS` holds
+  it for messages only.
 """
 
 from __future__ import annotations
@@ -17,74 +22,148 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import SparkeeError
-from .convert import convert_step_audio2, find_token_ids, read_json, step_llm_config, tokenizer_id
+from .convert import convert_step_audio2, step_llm_config
+from .dialogue import Dialogue, Turn
+from .tokens import find_token_ids, has_tokenizer_files, read_json, special_id_resolver
 
 NAME = "step-audio-2-mini"
+DISPLAY = "Step-Audio-2"
 NUM_LAYERS = 28
-AUDIO_OFFSET = 151696
-NUM_AUDIO_CODES = 6561  # <audio_6561> (= code 6561) is the audio padding token
-VOCAB_SIZE = 158720
-CONTROL_IDS = list(range(151688, 151696))
-STEP_IDS = {
-    "<|EOT|>": 151665,  # vLLM StepAudio2TextConfig EOS list
-    "<|BOT|>": 151666,  # assumed, not verified
-    "<audio_start>": 151688,  # assumed: first of the control block
-    "<audio_end>": 151689,  # assumed
-    "<audio_patch>": 151690,  # vLLM AUDIO_PATCH_TOKEN_ID
-    "<tts_start>": 151693,  # SGLang parser tests
-    "<tts_end>": 151694,  # SGLang parser tests
-    "<audio_0>": AUDIO_OFFSET,  # Step-Audio-2 examples: audio = ids > 151695, minus 151696
-}
+NUM_AUDIO_CODES = 6561  # codes 0..6560; <audio_6561> is the audio padding token
+# public layout, for error messages and docs only (stepaudio2.py: audio = ids > 151695, minus 151696;
+# METHOD.md section 7: vocabulary 158720, <tts_start> 151693, <tts_end> 151694)
+PUBLIC_IDS = {"<audio_0>": 151696, "<tts_start>": 151693, "<tts_end>": 151694}
+PUBLIC_VOCAB = 158720
+CONTROL_TOKENS = ("<tts_start>", "<tts_end>", "<tts_pad>", "<|EOT|>")
+TOKENS = ("<|BOT|>", "<|EOT|>", "<tts_start>", "<tts_end>", "<tts_pad>", "<audio_0>", "<audio_6561>")
 DEFAULT_SYSTEM = "You are a helpful assistant."
+# for check_ids' message: which tokens give the speech range and the stop ids
+SPEECH_TOKEN = "<audio_0>"
+STOP_TOKENS = "<|EOT|>"
+SPEECH_NOTE = "151696:158720 is the public tokenizer's speech range: check it against yours"
+STOP_NOTE = "ID is the id of <|EOT|> in your tokenizer"
 
 PRESET = {
     "name": NAME,
     "num_layers": NUM_LAYERS,
-    # 4 speech positions per cycle (paper); 1 text token per cycle is inferred from the name of
-    # the public "tts_ta4" (text:audio 1:4) output parser. Text slots after the text ends are
-    # filled with a pad token, so the ratio holds to the end: the "padded" format.
+    # 4 speech positions per cycle (paper) and 1 text token (the public "tts_ta4" parser's name:
+    # text:audio 1:4). "auto" follows the tokens produced; <tts_pad> marks the text's end while
+    # the model keeps the ratio by padding text slots.
     "interleave": (1, 4),
-    "format": "padded",
-    "speech_ids": (AUDIO_OFFSET, VOCAB_SIZE),
-    "stop_ids": [STEP_IDS["<|EOT|>"]],
-    "control_ids": [*CONTROL_IDS, STEP_IDS["<|EOT|>"]],
+    "format": "auto",
+    "speech_ids": None,  # (id of <audio_0>, vocabulary size)
+    "stop_ids": None,  # [<|EOT|>]
+    "control_ids": None,  # <tts_start>, <tts_end>, <tts_pad>, <|EOT|> as found
     "text_end_id": None,
-    "temperature": 0.7,  # the model's own examples: nucleus sampling
+    "text_end_ids": [],  # [<tts_pad>]
+    "speech_pad_ids": [],  # [<audio_6561>]: inside the speech range, to drop before the vocoder
+    "temperature": 0.7,  # the official sampling (stepaudio2.py examples)
     "top_p": 0.9,
+    "repetition_penalty": 1.05,
     "speech_policy": "spar-k:even:22",
     # the paper's speech-side settings for Step-Audio-2 (Table 2, S2-S6)
     "policies": ["fixed:25", "confidence:26:0.1", "spar-k:even:22", "spar-k:odd:22", "spar-k:triple:22"],
-    "source": "defaults (public Step-Audio-2 ids)",
+    # Table 2's rows S2-S6 in eval's `--policies` syntax; S1 is "full"
+    "paper_rows": ["fixed:25", "confidence:26:0.1", "spar-k:even:22", "spar-k:odd:22", "spar-k:triple:22"],
+    "special_ids": {},
+    "missing_ids": list(TOKENS),
+    "public_ids": {"speech_ids": (PUBLIC_IDS["<audio_0>"], PUBLIC_VOCAB), "stop_ids": None},
+    "source": "no model directory",
 }
 
 
-def special_ids(model_dir: str | Path | None = None) -> dict[str, int]:
-    ids = dict(STEP_IDS)
-    if model_dir is not None:
-        ids.update(find_token_ids(Path(model_dir), list(STEP_IDS)))
-    return ids
+def _copy(p: dict) -> dict:
+    return {
+        k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v) for k, v in p.items()
+    }
 
 
 def preset(model_dir: str | Path | None = None) -> dict:
-    """Step-Audio-2-mini's decoding preset; ids from `model_dir`'s files when present."""
-    p = {k: (list(v) if isinstance(v, list) else v) for k, v in PRESET.items()}
+    """Step-Audio-2-mini's decoding preset with the ids read from `model_dir` (see `models.preset`)."""
+    p = _copy(PRESET)
     if model_dir is None:
         return p
     d = Path(model_dir)
-    found = find_token_ids(d, list(STEP_IDS))
-    cfg = read_json(d / "config.json") or {}
+    found = find_token_ids(d, TOKENS)
+    cfg = read_json(d / "config.json")
     llm = step_llm_config(cfg) if isinstance(cfg, dict) else {}
-    vocab = int(llm.get("vocab_size") or VOCAB_SIZE)
-    a = found.get("<audio_0>", AUDIO_OFFSET)
-    p["speech_ids"] = (a, vocab)
-    eot = found.get("<|EOT|>", STEP_IDS["<|EOT|>"])
-    p["stop_ids"] = [eot]
-    p["control_ids"] = sorted({*range(a - 8, a), eot})
-    if found:
-        p["source"] = f"tokenizer files in {d}"
+    p["special_ids"] = found
+    p["missing_ids"] = [t for t in TOKENS if t not in found]
+    if "<audio_0>" in found:
+        a = found["<audio_0>"]
+        if llm.get("vocab_size"):
+            end = int(llm["vocab_size"])
+        elif "<audio_6561>" in found:
+            end = found["<audio_6561>"] + 1
+        else:
+            end = a + NUM_AUDIO_CODES + 1
+        p["speech_ids"] = (a, end)
+    if "<|EOT|>" in found:
+        p["stop_ids"] = [found["<|EOT|>"]]
+    controls = sorted({found[t] for t in CONTROL_TOKENS if t in found})
+    p["control_ids"] = controls or None
+    if "<tts_pad>" in found:
+        p["text_end_ids"] = [found["<tts_pad>"]]
+    if "<audio_6561>" in found:
+        p["speech_pad_ids"] = [found["<audio_6561>"]]
     if llm.get("num_hidden_layers"):
         p["num_layers"] = int(llm["num_hidden_layers"])
+    p["source"] = f"tokenizer files in {d}" if has_tokenizer_files(d) else f"no tokenizer files in {d}"
     return p
+
+
+def build_dialogue(dialogue: Dialogue, tokenizer=None, model_dir: str | Path | None = None) -> list[int]:
+    """The whole conversation in Step-Audio-2's turn format, ending so that the model answers in speech.
+
+    `<|BOT|>system\\n{system}<|EOT|>`, then `<|BOT|>human\\n{input}<|EOT|>` per user turn and
+    `<|BOT|>assistant\\n<tts_start>{raw output ids}<|EOT|>` per spoken assistant turn (a trailing
+    `<|EOT|>` in the ids, the stop token, is not doubled; a reply given as text is written
+    `<|BOT|>assistant\\n{text}<|EOT|>`), and finally `<|BOT|>assistant\\n<tts_start>`, as in
+    stepaudio2.py. User speech is written as `<audio_N>` tokens (N: CosyVoice-2 codes 0..6560).
+    Caveat: the real model hears user speech through its audio encoder (mel features at
+    `<audio_patch>` positions), which the converted LM-only checkpoint lacks; it reads
+    `<audio_N>` tokens in its own earlier answers, so discrete input speech is an approximation,
+    fine for speed measurements. The system prompt defaults to "You are a helpful assistant."
+    """
+    if tokenizer is None:
+        raise SparkeeError("building a Step-Audio-2 prompt needs its tokenizer to encode the text parts")
+    turns = list(dialogue.turns)
+    if not turns or turns[-1].role != "user":
+        raise SparkeeError("a Step-Audio-2 prompt must end with a user turn for the model to answer")
+    sp = special_id_resolver(DISPLAY, tokenizer, model_dir)
+
+    def enc(s: str) -> list[int]:
+        return list(tokenizer.encode(s, add_special_tokens=False))
+
+    bot, eot = sp("<|BOT|>"), sp("<|EOT|>")
+    system = DEFAULT_SYSTEM if dialogue.system is None else dialogue.system
+    out: list[int] = []
+    if system:
+        out += [bot, *enc("system\n" + system), eot]
+    for turn in turns:
+        if turn.role == "user":
+            if turn.speech:
+                bad = [s for s in turn.speech if not 0 <= s < NUM_AUDIO_CODES]
+                if bad:
+                    raise SparkeeError(
+                        f"speech code {bad[0]} is outside Step-Audio-2's 0..{NUM_AUDIO_CODES - 1}"
+                    )
+                a0 = sp("<audio_0>")
+                out += [bot, *enc("human\n"), *(a0 + s for s in turn.speech)]
+                if turn.text:
+                    out += enc(turn.text)
+            else:
+                out += [bot, *enc("human\n" + (turn.text or ""))]
+            out.append(eot)
+        elif turn.ids:
+            ids = list(turn.ids)
+            if ids and ids[-1] == eot:
+                ids = ids[:-1]
+            out += [bot, *enc("assistant\n"), sp("<tts_start>"), *ids, eot]
+        else:
+            out += [bot, *enc("assistant\n" + (turn.text or "")), eot]
+    out += [bot, *enc("assistant\n"), sp("<tts_start>")]
+    return out
 
 
 def build_prompt(
@@ -93,54 +172,31 @@ def build_prompt(
     tokenizer=None,
     system: str | None = DEFAULT_SYSTEM,
     model_dir: str | Path | None = None,
+    history: Dialogue | Sequence[Turn] | None = None,
 ) -> list[int]:
-    """Step-Audio-2's turn format, ending so that the model starts a spoken answer.
+    """Step-Audio-2's prompt for one question (`speech_ids`: codes 0..6560, and/or `text`), after
+    the turns of `history` when given (a `Dialogue` with its own system prompt wins over `system`;
+    `system` None or "" leaves it out).
 
-    `<|BOT|>system\\n{system}<|EOT|><|BOT|>human\\n<audio_N>..{text}<|EOT|><|BOT|>assistant\\n<tts_start>`
-    (the format of Step-Audio-2's `StepAudio2.apply_chat_template`; `<tts_start>` asks for speech).
-    `speech_ids` are codes of Step-Audio-2's own speech tokenizer (CosyVoice-2, 0..6560), written
-    as `<audio_N>` = 151696 + N. Caveat: the real model hears user speech through its audio
-    encoder (mel features at `<audio_patch>` positions), which the converted LM-only checkpoint
-    lacks; it reads `<audio_N>` tokens in earlier assistant turns, so discrete input speech is an
-    approximation, fine for speed measurements. Plain text is encoded with `tokenizer` (anything
-    with `encode(text, add_special_tokens=False)`); special-token ids come from the tokenizer,
-    else `model_dir`'s files, else `STEP_IDS` (see the module docstring for their sources).
+    Plain text is encoded with `tokenizer` (anything with `encode(text, add_special_tokens=False)`);
+    special-token ids come from the tokenizer, else from `model_dir`'s tokenizer files; an id
+    found in neither is an error naming the token (no built-in id is used).
     """
     if not speech_ids and not text:
         raise SparkeeError("a Step-Audio-2 prompt needs input speech ids or text")
-    if tokenizer is None:
-        raise SparkeeError("building a Step-Audio-2 prompt needs its tokenizer to encode the text parts")
-    ids = special_ids(model_dir)
-
-    def sp(tok: str) -> int:
-        return tokenizer_id(tokenizer, tok, ids[tok])
-
-    def enc(s: str) -> list[int]:
-        return list(tokenizer.encode(s, add_special_tokens=False))
-
-    bot, eot = sp("<|BOT|>"), sp("<|EOT|>")
-    out: list[int] = []
-    if system:
-        out += [bot, *enc("system\n" + system), eot]
-    out += [bot, *enc("human\n")]
-    if speech_ids:
-        bad = [s for s in speech_ids if not 0 <= int(s) < NUM_AUDIO_CODES]
-        if bad:
-            raise SparkeeError(f"speech code {bad[0]} is outside Step-Audio-2's 0..{NUM_AUDIO_CODES - 1}")
-        a0 = sp("<audio_0>")
-        out += [a0 + int(s) for s in speech_ids]
-    if text:
-        out += enc(text)
-    out += [eot, bot, *enc("assistant\n"), sp("<tts_start>")]
-    return out
+    past = history if isinstance(history, Dialogue) else Dialogue(tuple(history or ()))
+    if past.system is None:
+        past = past.with_system(system or "")
+    return build_dialogue(past.ask(speech=speech_ids, text=text), tokenizer, model_dir)
 
 
 __all__ = [
     "DEFAULT_SYSTEM",
+    "NAME",
     "PRESET",
-    "STEP_IDS",
+    "PUBLIC_IDS",
+    "build_dialogue",
     "build_prompt",
     "convert_step_audio2",
     "preset",
-    "special_ids",
 ]

@@ -1,10 +1,14 @@
-"""``sparkee refslm ...`` commands (mounted by the main CLI)."""
+"""``sparkee refslm ...`` commands (mounted by the main CLI, which turns SparkeeError into one
+sentence and exit status 2)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
+
+from ..errors import SparkeeError
 
 app = typer.Typer(
     help="The bundled reference interleaved SLM: train it, build its assets.", no_args_is_help=True
@@ -39,6 +43,28 @@ def train(
     """Train the reference SLM from scratch on both interleave formats; evaluate on dev (and test)."""
     from .train import train as run_train
 
+    for name, value, least in (
+        ("--steps", steps, 1),
+        ("--batch-size", batch_size, 1),
+        ("--warmup", warmup, 0),
+        ("--layers", layers, 1),
+        ("--hidden", hidden, 4),
+        ("--text-per-cycle", text_per_cycle, 0),
+        ("--speech-per-cycle", speech_per_cycle, 1),
+        ("--checkpoint-every", checkpoint_every, 1),
+        ("--eval-limit", eval_limit, 1),
+        ("--threads", threads, 1),
+    ):
+        if value is not None and value < least:
+            raise SparkeeError(f"{name} must be at least {least}, got {value}")
+    if hidden % 4:
+        raise SparkeeError(
+            f"--hidden must be a multiple of 4 (the model has 4 attention heads), got {hidden}"
+        )
+    if not (math.isfinite(lr) and lr > 0):
+        raise SparkeeError(f"--lr must be a positive number, got {lr}")
+    if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes > 0):
+        raise SparkeeError(f"--max-minutes must be a positive number, got {max_minutes}")
     if tiny and steps == 100000:
         steps = 3
     run_train(
@@ -84,15 +110,24 @@ def evaluate(
 
     import torch
 
-    from .data import load_split
+    from .data import FORMATS, load_split
     from .train import evaluate as run_eval
     from .train import load_model
 
+    if split not in ("train", "dev", "test"):
+        raise SparkeeError(f"unknown split '{split}': use dev, test or train")
+    if limit is not None and limit < 1:
+        raise SparkeeError(f"--limit must be at least 1, got {limit}")
+    fmts = [f.strip() for f in formats.split(",") if f.strip()]
+    if not fmts or any(f not in FORMATS for f in fmts):
+        raise SparkeeError(f"--formats must list {' and/or '.join(FORMATS)}, got '{formats}'")
+    if threads < 1:
+        raise SparkeeError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
     model, vocab = load_model(model_dir=model_dir, checkpoint=checkpoint)
     exs = load_split(split)
     exs = exs[:limit] if limit else exs
-    res = run_eval(model, vocab, exs, formats=[f.strip() for f in formats.split(",")])
+    res = run_eval(model, vocab, exs, formats=fmts)
     for fmt, r in res.items():
         r.pop("errors", None)
         typer.echo(f"{split} {fmt}: " + json.dumps(r))

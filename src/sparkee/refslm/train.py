@@ -3,9 +3,10 @@
 One model is trained on both sequence formats (``padded`` and ``early-stop``), selected by the
 format tag at the end of the prompt. The loss covers answer tokens only. Training is seeded and
 resumable (``--out/checkpoint/``), the LR schedule is linear warm-up then cosine decay to 5% of
-the peak. With ``--max-minutes`` the schedule runs on the fraction of the time budget used (or of
-``--steps``, whichever is further along), so a CPU shared with other jobs still ends the schedule
-on time; without it the schedule runs over ``--steps``.
+the peak (transformers' ``get_cosine_with_min_lr_schedule_with_warmup``). With ``--max-minutes``
+the schedule runs on the fraction of the time budget used (or of ``--steps``, whichever is further
+along), so a CPU shared with other jobs still ends the schedule on time; without it the schedule
+runs over ``--steps``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import math
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import ASSET_DIR
 from .data import (
     DEFAULT_RATIO,
     FORMATS,
@@ -35,8 +37,6 @@ from .data import (
 )
 from .units import load_lexicon
 from .vocab import RefVocab
-
-ASSET_DIR = Path(__file__).parent / "assets"
 
 
 def make_config(vocab: RefVocab, tiny: bool = False, layers: int = 16, hidden: int = 192):
@@ -102,11 +102,19 @@ def collate(seqs, pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0.05) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    prog = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
+def lr_schedule(total: int, warmup: int, final_frac: float = 0.05) -> Callable[[float], float]:
+    """The LR factor at a (possibly fractional) step: linear warm-up, then cosine to `final_frac`.
+
+    transformers' schedule, taken from a scheduler on a throwaway optimizer: the real optimizer's
+    learning rate is set from the position at every step, so a resumed run follows the schedule
+    of a straight one. Positions past `total` stay at the end of the schedule."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = get_cosine_with_min_lr_schedule_with_warmup(
+        scratch, warmup, total, min_lr_rate=final_frac
+    ).lr_lambdas[0]
+    return lambda pos: factor(min(pos, total))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,17 +385,21 @@ def train(
         state["config"] = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
         print(f"resumed from {ckpt} at step {state['step']}")
     budget_s = max_minutes * 60 if max_minutes else None
+    total = state["total_steps"]
+    # time-based: warm-up over steps, then the position on the cosine is the further along of
+    # steps and of the time budget, robust to a machine shared with other jobs
+    warm = warmup if budget_s else min(warmup, max(1, total // 10))
+    factor = lr_schedule(total, warm)
     model.train()
     t_start = time.time() - state["elapsed_s"]
     bar = tqdm(total=state["total_steps"], initial=state["step"], disable=not progress, desc="refslm train")
     tok_window: list[tuple[float, int]] = []
     while state["step"] < state["total_steps"]:
         step = state["step"]
-        if budget_s:  # time-based schedule: robust to a machine shared with other jobs
-            frac = max(step / state["total_steps"], state["elapsed_s"] / budget_s)
-            cur_lr = lr_at(int(frac * 100000), 100000, lr, 0) if step >= warmup else lr * (step + 1) / warmup
-        else:
-            cur_lr = lr_at(step, state["total_steps"], lr, min(warmup, max(1, state["total_steps"] // 10)))
+        pos = float(step)
+        if budget_s and step >= warm:
+            pos = max(pos, warm + state["elapsed_s"] / budget_s * (total - warm))
+        cur_lr = lr * factor(pos)
         for g in opt.param_groups:
             g["lr"] = cur_lr
         t0 = time.time()
@@ -434,7 +446,7 @@ def train(
             "batch_size": batch_size,
             "peak_lr": lr,
             "warmup": warmup,
-            "schedule": "linear warm-up, cosine to 5% of peak",
+            "schedule": "linear warm-up, cosine to 5% of peak (transformers)",
             "weight_decay": weight_decay,
             "seed": seed,
             "minutes": round(train_s / 60, 2),

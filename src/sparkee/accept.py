@@ -1,0 +1,203 @@
+"""Acceptance rules of verified mode: keep an early token, or replace it with the full model's choice.
+
+At a full step the deep pass yields the last layer's logits for every pending early position. A
+rule compares the early token x with them (text steps always use `exact`):
+
+- `exact`: greedy: x is the last layer's argmax. Sampling: speculative sampling (accept with
+  probability min(1, p(x) / q(x)), else draw from max(0, p - q)), so the output distribution is
+  the full model's. This is lossless.
+- `topk:K`: x is among the last layer's K most likely tokens (`topk:1` is `exact` when greedy).
+- `typical:EPS[:DELTA]`: Medusa's typical acceptance, p(x) >= min(EPS, DELTA * exp(-H(p))), with
+  DELTA = sqrt(EPS) by default; p is the full model's distribution (temperature 1 when greedy).
+- `unit-distance:D`: distance(x, y) <= D where y is the full model's choice (argmax, or a draw
+  when sampling) and `distance` is a plug-in saying how far apart two speech tokens sound.
+
+A rejected token is replaced by the full model's choice: its argmax when greedy, a draw from its
+distribution when sampling (the residual max(0, p - q) under `exact`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SparkeeError
+
+ACCEPT_SYNTAX = "exact, topk:K, typical:EPS[:DELTA] or unit-distance:D"
+Distance = Callable[[int, int], float]
+
+
+@dataclass(frozen=True)
+class AcceptRule:
+    kind: str  # exact | topk | typical | unit-distance
+    k: int = 1
+    eps: float = 0.0
+    delta: float = 0.0
+    max_distance: float = 0.0
+    name: str = "exact"
+
+    @property
+    def lossless(self) -> bool:
+        return self.kind == "exact"
+
+
+EXACT = AcceptRule("exact")
+
+
+def _number(text: str, spec: str, what: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise SparkeeError(f"acceptance rule '{spec}' needs a number for {what}, got '{text}'") from None
+    if not math.isfinite(x):
+        raise SparkeeError(f"acceptance rule '{spec}' needs a finite {what}, got '{text}'")
+    return x
+
+
+def parse_accept(spec: str | AcceptRule | None) -> AcceptRule:
+    """Parse an acceptance rule string (see ACCEPT_SYNTAX)."""
+    if spec is None:
+        return EXACT
+    if isinstance(spec, AcceptRule):
+        return spec
+    s = spec.strip()
+    parts = s.split(":")
+    kind = parts[0].lower()
+    if kind == "exact" and len(parts) == 1:
+        return EXACT
+    if kind == "topk" and len(parts) == 2:
+        if not re.fullmatch(r"\d+", parts[1]) or int(parts[1]) < 1:
+            raise SparkeeError(f"acceptance rule '{s}' needs a whole number K >= 1, got '{parts[1]}'")
+        return AcceptRule("topk", k=int(parts[1]), name=s)
+    if kind == "typical" and len(parts) in (2, 3):
+        eps = _number(parts[1], s, "EPS")
+        if not 0 < eps <= 1:
+            raise SparkeeError(f"acceptance rule '{s}' needs 0 < EPS <= 1, got {parts[1]}")
+        delta = _number(parts[2], s, "DELTA") if len(parts) == 3 else math.sqrt(eps)
+        if delta <= 0:
+            raise SparkeeError(f"acceptance rule '{s}' needs DELTA > 0, got {parts[2]}")
+        return AcceptRule("typical", eps=eps, delta=delta, name=s)
+    if kind == "unit-distance" and len(parts) == 2:
+        d = _number(parts[1], s, "D")
+        if d < 0:
+            raise SparkeeError(f"acceptance rule '{s}' needs D >= 0, got {parts[1]}")
+        return AcceptRule("unit-distance", max_distance=d, name=s)
+    raise SparkeeError(f"unknown acceptance rule '{spec}': use {ACCEPT_SYNTAX}")
+
+
+def entropy(p: torch.Tensor) -> float:
+    """Entropy in nats of a probability vector."""
+    logp = p.clamp_min(1e-30).log()
+    return float(-(p * logp).sum())
+
+
+def criterion(
+    rule: AcceptRule,
+    token: int,
+    logits: torch.Tensor,
+    ids: torch.Tensor | None,
+    probs: torch.Tensor | None,
+    choice: int,
+    distance: Distance | None,
+) -> bool:
+    """Whether a tolerant rule keeps `token` (greedy or sampling; not the `exact` sampling rule).
+
+    logits: the full model's processed logits over `ids` (or the whole vocabulary); probs: its
+    sampling distribution over the same entries (None when greedy); choice: the full model's own
+    token (argmax, or a draw).
+    """
+    if rule.kind == "exact":
+        return token == choice
+    if rule.kind == "unit-distance":
+        if distance is None:
+            raise SparkeeError("acceptance rule unit-distance needs a distance plug-in (--unit-distance)")
+        return token == choice or float(distance(token, choice)) <= rule.max_distance
+    col = _column(token, ids)
+    if col is None:  # the early token is not even a candidate of the full model's projection
+        return False
+    if rule.kind == "topk":
+        src = probs if probs is not None else logits
+        k = min(rule.k, src.numel())
+        kth = torch.topk(src, k).values[-1]
+        return bool(src[col] >= kth) and (probs is None or bool(probs[col] > 0))
+    if rule.kind == "typical":
+        p = probs if probs is not None else torch.softmax(logits.float(), -1)
+        return float(p[col]) >= min(rule.eps, rule.delta * math.exp(-entropy(p)))
+    raise AssertionError(rule.kind)
+
+
+def _column(token: int, ids: torch.Tensor | None) -> int | None:
+    if ids is None:
+        return token
+    i = int(torch.searchsorted(ids, token))
+    return i if i < ids.numel() and int(ids[i]) == token else None
+
+
+# ---------------------------------------------------------------------------------------------
+# distance plug-ins for unit-distance
+
+
+def refslm_unit_distance() -> Distance:
+    """The reference SLM's speech tokens are phoneme units: 0 for the same unit, 1 otherwise."""
+    return lambda a, b: 0.0 if a == b else 1.0
+
+
+def refslm_phone_class_distance() -> Distance:
+    """Reference SLM units by how alike they sound: 0 same unit, 0.5 same broad phonetic class
+    (vowels; stops; fricatives and affricates; nasals; liquids and glides; silence), 1 otherwise."""
+    from .refslm.vocab import load_vocab
+
+    vocab = load_vocab()
+    cls = {}
+    for uid in range(*vocab.speech_range):
+        cls[uid] = phone_class(vocab.unit_name(uid))
+
+    def dist(a: int, b: int) -> float:
+        if a == b:
+            return 0.0
+        ca, cb = cls.get(a), cls.get(b)
+        return 0.5 if ca is not None and ca == cb else 1.0
+
+    return dist
+
+
+_VOWELS = set("aAeEiIoOuUV03@")
+_STOPS = {"p", "b", "t", "d", "k", "g", "?", "t#", "d#"}
+_FRICATIVES = {"f", "v", "T", "D", "s", "z", "S", "Z", "h", "x", "tS", "dZ"}
+_NASALS = {"m", "n", "N", "n-", "m-"}
+_APPROX = {"l", "r", "w", "j", "l-", "r-", "R"}
+
+
+def phone_class(name: str) -> str:
+    """Broad class of an espeak-ng phoneme name (as the reference SLM's units are named)."""
+    if name in ("_", "sil", ""):
+        return "silence"
+    if name in _STOPS:
+        return "stop"
+    if name in _FRICATIVES:
+        return "fricative"
+    if name in _NASALS:
+        return "nasal"
+    if name in _APPROX:
+        return "approximant"
+    if name[0] in _VOWELS:
+        return "vowel"
+    return "other:" + name
+
+
+BUILTIN_DISTANCES = {"refslm": refslm_unit_distance, "refslm-phone-class": refslm_phone_class_distance}
+
+
+def resolve_distance(spec: str | Distance | None) -> Distance | None:
+    """A built-in name (refslm, refslm-phone-class), a module:attribute path, or a callable."""
+    if spec is None or callable(spec):
+        return spec
+    if spec in BUILTIN_DISTANCES:
+        return BUILTIN_DISTANCES[spec]()
+    from .eval.plugins import load_plugin
+
+    return load_plugin(spec, "unit-distance")

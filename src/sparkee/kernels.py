@@ -1,0 +1,261 @@
+"""Fast paths for CPU linear layers, each chosen by measurement on the machine at hand.
+
+Decoding one sequence runs every linear layer over 1 row (a step) or a few rows (a refresh over k
+pending positions plus its own). How much a k-row product costs against a 1-row product depends
+on the CPU and the BLAS: on some machines a 2-row GEMM costs twice a GEMV because the library
+repacks the weight on every call, which is what makes SPAR-K's deferred deep fill expensive. So
+for every linear weight shape of the model, and for 1, 2, 4 and 8 rows, sparkee times:
+
+- `plain`: torch.nn.functional.linear (MKL / OpenBLAS);
+- `packed`: oneDNN with the weight packed once for this machine's instruction set
+  (`torch.ops.mkldnn._linear_pointwise`, the path torch inductor's weight freezing takes on CPU);
+- `rowwise`: one 1-row product per row with the better 1-row kernel;
+
+in context (cycling through every layer's weight of that shape, so weights come from memory as
+they do in decoding) and keeps the fastest per row count. `FastLinear` replaces the model's
+`nn.Linear` modules (same parameters, so state dicts, tied weights and fingerprints are
+untouched; autograd falls back to the plain product). The choice is cached per machine, shapes,
+dtype and torch version beside the calibration (cost.py).
+
+bfloat16 on a CPU without native bfloat16 instructions is emulated and often slower than float32;
+when measurement says so, the model is computed in float32 instead, with one line saying so.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import cost
+
+KERNELS = ("plain", "packed", "rowwise")
+MEASURED_ROWS = (1, 2, 4, 8)
+KERNELS_VERSION = 1
+WIN = 0.9  # a kernel replaces the plain product only when at least 10% faster
+
+
+def packed_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _bucket(rows: int) -> int:
+    return 0 if rows < 2 else 1 if rows < 4 else 2 if rows < 8 else 3
+
+
+class FastLinear(torch.nn.Linear):
+    """An nn.Linear whose product, per number of rows, runs the kernel measured fastest here."""
+
+    def __init__(self, weight: torch.nn.Parameter | torch.Tensor, bias, choice: tuple[str, ...]) -> None:
+        torch.nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, False)
+        self.bias = bias
+        self.choice = tuple(choice)
+        self._packed = None
+        if "packed" in choice:  # rowwise runs choice[0], which is then in choice too
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // self.in_features
+        kind = self.choice[_bucket(rows)]
+        if kind == "rowwise" and rows > 1:
+            flat = x.reshape(rows, 1, self.in_features)
+            one = self._one(self.choice[0])
+            return torch.cat([one(flat[j]) for j in range(rows)]).reshape(*x.shape[:-1], self.out_features)
+        return self._one(kind)(x)
+
+    def _one(self, kind: str):
+        if kind == "packed":
+            b = None if self.bias is None else self.bias.detach()
+            return lambda x: torch.ops.mkldnn._linear_pointwise(x, self._packed, b, "none", [], "")
+        return lambda x: F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kernels={'/'.join(self.choice)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def _kernel_fn(kind: str, weight: torch.Tensor, bias, packed):
+    if kind == "packed":
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return lambda x: F.linear(x, weight, bias)
+
+
+def measure_shape(
+    weights: list[tuple[torch.Tensor, torch.Tensor | None]], repeats: int = 5
+) -> tuple[str, ...]:
+    """The fastest kernel for 1, 2, 4 and 8 rows over these weights of one shape (timed in turn)."""
+    w0 = weights[0][0]
+    cands = ["plain"] + (["packed"] if packed_available() and w0.device.type == "cpu" else [])
+    fns = {}
+    for kind in cands:
+        try:
+            fns[kind] = [
+                _kernel_fn(
+                    kind, w, b, torch.ops.mkldnn._reorder_linear_weight(w, 1) if kind == "packed" else None
+                )
+                for w, b in weights
+            ]
+            fns[kind][0](torch.zeros(1, 1, w0.shape[1], dtype=w0.dtype, device=w0.device))
+        except (RuntimeError, NotImplementedError):  # this build or dtype has no such kernel
+            fns.pop(kind, None)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    times: dict[str, list[float]] = {}
+    for kind, calls in fns.items():
+        per_rows = []
+        for r in MEASURED_ROWS:
+            x = torch.randn(1, r, w0.shape[1], generator=gen).to(w0.device, w0.dtype)
+
+            def sweep(calls=calls, x=x):
+                for f in calls:
+                    f(x)
+
+            sweep()
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                sweep()
+                ts.append((time.perf_counter() - t0) / len(calls))
+            per_rows.append(statistics.median(ts))
+        times[kind] = per_rows
+
+    def pick(opts: dict[str, float]) -> str:
+        # another kernel must beat the plain product clearly: a few percent is timing noise
+        best = min(opts, key=opts.get)
+        return best if opts[best] < WIN * opts["plain"] else "plain"
+
+    best1 = pick({k: t[0] for k, t in times.items()})
+    choice = [best1]  # rowwise runs the best 1-row kernel, so it comes first
+    for n, r in enumerate(MEASURED_ROWS[1:], 1):
+        opts = {k: t[n] for k, t in times.items()}
+        opts["rowwise"] = r * times[best1][0]
+        choice.append(pick(opts))
+    return tuple(choice)
+
+
+def _linear_groups(bb) -> dict[tuple, list[tuple[torch.nn.Module, str, torch.nn.Linear]]]:
+    """The model's linear layers (decoder layers and output projection) grouped by weight shape."""
+    groups = defaultdict(list)
+    for layer in bb.layers:
+        for parent in layer.modules():
+            for name, child in parent.named_children():
+                if isinstance(child, torch.nn.Linear):
+                    key = (*child.weight.shape, child.bias is not None)
+                    groups[key].append((parent, name, child))
+    head = bb.lm_head
+    groups[(*head.weight.shape, head.bias is not None, "lm_head")].append((bb.model, "lm_head", head))
+    return groups
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX); False when unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def kernels_key(bb) -> dict:
+    return {
+        "version": KERNELS_VERSION,
+        "machine": cost.machine_id(),
+        "dtype": str(bb.dtype).replace("torch.", ""),
+        "device": torch.device(bb.device).type,
+        "torch": torch.__version__,
+        "shapes": sorted(str(k) for k in _linear_groups(bb)),
+    }
+
+
+def optimize(bb, progress: bool = True) -> dict[str, list[str]]:
+    """Give every linear layer of `bb` its measured-fastest kernels (CPU only); returns the choice."""
+    if torch.device(bb.device).type != "cpu" or getattr(bb.model, "hf_device_map", None):
+        return {}
+    if bb.dtype == torch.bfloat16 and not native_bf16():
+        _maybe_upcast(bb, progress)
+    groups = _linear_groups(bb)
+    key = kernels_key(bb)
+    cached = cost.read_cached("kernels", key)
+    if cached is not None:
+        choice = {k: tuple(v) for k, v in cached["choice"].items()}
+    else:
+        if progress:
+            print("sparkee: choosing linear kernels for this machine (once)...", file=sys.stderr, flush=True)
+        choice = {}
+        with torch.inference_mode():
+            for gkey, mods in groups.items():
+                ws = [(m.weight.detach(), None if m.bias is None else m.bias.detach()) for _, _, m in mods]
+                choice[str(gkey)] = measure_shape(ws)
+        cost.write_cached("kernels", key, {"choice": {k: list(v) for k, v in choice.items()}})
+    for gkey, mods in groups.items():
+        ch = choice.get(str(gkey))
+        if ch is None or all(c == "plain" for c in ch):
+            continue
+        for parent, name, child in mods:
+            setattr(parent, name, FastLinear(child.weight, child.bias, ch))
+    bb.refresh_modules()
+    bb.kernel_choice = {k: list(v) for k, v in choice.items()}
+    return bb.kernel_choice
+
+
+def _maybe_upcast(bb, progress: bool) -> None:
+    """bf16 without native instructions: keep it only if it measures faster than fp32."""
+    groups = _linear_groups(bb)
+    t = {"bf16": 0.0, "fp32": 0.0}
+    with torch.inference_mode():
+        for mods in groups.values():
+            sample = mods[: min(4, len(mods))]
+            for tag, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+                ws = [
+                    (m.weight.detach().to(dt), None if m.bias is None else m.bias.detach().to(dt))
+                    for _, _, m in sample
+                ]
+                ch = measure_shape(ws, repeats=3)
+                x = torch.randn(1, 1, ws[0][0].shape[1], dtype=dt)
+                f = FastLinear(ws[0][0], ws[0][1], ch)
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    f(x)
+                t[tag] += (time.perf_counter() - t0) * len(mods)
+    if t["fp32"] < 0.9 * t["bf16"]:
+        print(
+            "sparkee: this CPU has no native bfloat16 arithmetic and float32 measured "
+            f"{t['bf16'] / t['fp32']:.1f}x faster, so the model computes in float32",
+            file=sys.stderr,
+        )
+        bb.model.float()
+        bb.refresh_modules()
+
+
+def fast_linear(linear: torch.nn.Linear, bb, weight: torch.Tensor | None = None) -> torch.nn.Module:
+    """A linear layer built after loading (exit-head translators, restricted output projections)
+    with this machine's measured kernels for its shape; plain when the model is not optimized."""
+    w = linear.weight.detach() if weight is None else weight
+    if not getattr(bb, "kernel_choice", None) or torch.device(bb.device).type != "cpu":
+        if weight is not None:
+            linear.weight = torch.nn.Parameter(w, requires_grad=False)
+        return linear
+    key = str((*w.shape, "extra"))
+    # a shape the model's layers have already measured (bias makes no difference to speed)
+    ch = bb.kernel_choice.get(key) or next(
+        (v for k, v in bb.kernel_choice.items() if k.startswith(f"({w.shape[0]}, {w.shape[1]},")), None
+    )
+    if ch is None:
+        copies = max(1, min(16, (8 << 20) // max(w.numel() * w.element_size(), 1)))
+        ws = [(w.clone(), None if linear.bias is None else linear.bias.detach()) for _ in range(copies)]
+        with torch.inference_mode():
+            ch = list(measure_shape(ws))
+        bb.kernel_choice[key] = ch
+    param = linear.weight if weight is None else torch.nn.Parameter(w, requires_grad=False)
+    return FastLinear(param, linear.bias, tuple(ch))

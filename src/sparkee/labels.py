@@ -1,0 +1,155 @@
+"""Teacher-forced labels and per-layer metrics, shared by head training and the layer report.
+
+`collect_labels` runs full-depth generation on each prompt, then one teacher-forced pass over the
+generated sequence, keeping for every generated step the hidden state after each requested layer
+and the last layer's normalised state (the teacher distribution is recomputed from it on the fly:
+storing [steps, vocab] targets would not fit). `layer_metrics` scores heads against that teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .backbone import Backbone
+from .generate import GenerationConfig, generate
+from .heads import ExitHeads
+from .sources import PromptItem
+
+
+@dataclass
+class Labels:
+    """Teacher-forced states of generated steps. M rows, one per generated step."""
+
+    layers: list[int]
+    hidden: torch.Tensor  # [len(layers), M, H] state after each requested layer
+    final: torch.Tensor  # [M, H] last layer, after the final norm
+    speech: torch.Tensor  # [M] bool: the step was a speech step
+    tokens: torch.Tensor  # [M] token the full model produced
+    example: torch.Tensor  # [M] index of the prompt the row came from
+
+    def __len__(self) -> int:
+        return self.final.shape[0]
+
+    def select(self, rows: torch.Tensor) -> Labels:
+        return Labels(
+            self.layers,
+            self.hidden[:, rows],
+            self.final[rows],
+            self.speech[rows],
+            self.tokens[rows],
+            self.example[rows],
+        )
+
+    def only_layers(self, layers: list[int]) -> Labels:
+        idx = [self.layers.index(L) for L in layers]
+        return Labels(list(layers), self.hidden[idx], self.final, self.speech, self.tokens, self.example)
+
+    def speech_rows(self) -> Labels:
+        return self.select(self.speech.nonzero().squeeze(1))
+
+    def layer(self, layer: int) -> torch.Tensor:
+        return self.hidden[self.layers.index(layer)]
+
+    def save(self, path: Path, meta: dict[str, str]) -> None:
+        t = {k: getattr(self, k).contiguous() for k in ("hidden", "final", "speech", "tokens", "example")}
+        save_file(t, str(path), metadata={**meta, "layers": json.dumps(self.layers)})
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[Labels, dict]:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(json.loads(meta["layers"]), **t), meta
+
+    @classmethod
+    def cat(cls, parts: list[Labels]) -> Labels:
+        return cls(
+            parts[0].layers,
+            torch.cat([p.hidden for p in parts], 1),
+            torch.cat([p.final for p in parts]),
+            torch.cat([p.speech for p in parts]),
+            torch.cat([p.tokens for p in parts]),
+            torch.cat([p.example for p in parts]),
+        )
+
+
+def collect_labels(
+    bb: Backbone,
+    prompts: list[PromptItem],
+    cfg_for: Callable[[PromptItem], GenerationConfig],
+    layers: list[int],
+    indices: list[int] | None = None,
+    desc: str = "labels",
+) -> Labels:
+    """Full-depth generation, then one teacher-forced pass per prompt keeping the requested layers.
+
+    `cfg_for(item)` gives each prompt its decoding (a prompt may fix its own interleave format);
+    `indices` are the prompt numbers recorded in `Labels.example` (default 0..n-1).
+    """
+    parts = []
+    indices = indices if indices is not None else list(range(len(prompts)))
+    for n, item in zip(indices, tqdm(prompts, desc=desc, leave=False), strict=True):
+        res = generate(bb, item.ids, cfg_for(item))
+        seq = item.ids + res.tokens[:-1]  # step k fed position len(prompt) - 1 + k
+        with torch.inference_mode():
+            out = bb.model(torch.tensor([seq], device=bb.device), output_hidden_states=True, use_cache=False)
+        rows = slice(len(item.ids) - 1, len(seq))
+        hs = out.hidden_states  # hs[L] = state after L layers; hs[-1] is already normalised
+        parts.append(
+            Labels(
+                layers,
+                torch.stack([hs[layer][0, rows].float().cpu() for layer in layers]),
+                hs[-1][0, rows].float().cpu(),
+                torch.tensor([m == "speech" for m in res.modalities]),
+                torch.tensor(res.tokens),
+                torch.full((len(res.tokens),), n),
+            )
+        )
+    return Labels.cat(parts)
+
+
+def teacher_logits(bb: Backbone, final: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+    with torch.no_grad():
+        return bb.project(final.to(bb.dtype), token_ids).float()
+
+
+def layer_metrics(bb: Backbone, heads: ExitHeads, labels: Labels, batch: int = 512) -> dict[int, dict]:
+    """Per layer: KL(last || head) in nats and top-1 agreement, over all rows and split by modality.
+
+    A head restricted to a token set is scored within that set (the teacher too)."""
+    sums: dict[int, dict[str, float]] = {L: {} for L in labels.layers}
+    for i in range(0, len(labels), batch):
+        sl = slice(i, i + batch)
+        t = teacher_logits(bb, labels.final[sl], heads.token_ids)
+        logp_t = t.log_softmax(-1)
+        top_t = t.argmax(-1)
+        sp = labels.speech[sl]
+        for L in labels.layers:
+            with torch.no_grad():
+                s = heads(L, labels.layer(L)[sl].to(bb.dtype)).float()
+            logq = s.log_softmax(-1)
+            kl = (logp_t.exp() * (logp_t - logq)).sum(-1)
+            agree = (s.argmax(-1) == top_t).float()
+            acc = sums[L]
+            for name, mask in (("all", torch.ones_like(sp)), ("speech", sp), ("text", ~sp)):
+                acc[f"kl_{name}"] = acc.get(f"kl_{name}", 0.0) + float(kl[mask].sum())
+                acc[f"agree_{name}"] = acc.get(f"agree_{name}", 0.0) + float(agree[mask].sum())
+                acc[f"n_{name}"] = acc.get(f"n_{name}", 0.0) + float(mask.sum())
+    out = {}
+    for L, acc in sums.items():
+        row = {}
+        for name in ("all", "speech", "text"):
+            n = acc.get(f"n_{name}", 0.0)
+            row[f"kl_{name}"] = acc[f"kl_{name}"] / n if n else None
+            row[f"agree_{name}"] = acc[f"agree_{name}"] / n if n else None
+            row[f"n_{name}"] = int(n)
+        out[L] = row
+    return out

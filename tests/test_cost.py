@@ -1,0 +1,167 @@
+"""The calibrated cost model and the measured fast paths (never a wall-clock assertion here)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from sparkee import GenerationConfig, Interleave, cost, generate, generate_batch, kernels, wrap_model
+from sparkee.kernels import FastLinear
+
+PROMPT = [5, 7, 9, 11, 3]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKEE_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_calibration_is_written_read_and_keyed(cache_dir, monkeypatch):
+    bb = wrap_model(tiny_model("qwen2", layers=3))
+    cal = cost.load_or_calibrate(bb, progress=False)
+    files = list((cache_dir / "calibration").glob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["key"] == cost.calibration_key(bb)
+    assert data["key"]["layers"] == 3 and data["key"]["torch"] == torch.__version__
+    assert len(cal.layer_a) == len(cost.ROWS) and all(t >= 0 for t in cal.overhead.values())
+
+    def no_measuring(*a, **k):
+        raise AssertionError("a cached calibration must be read, not measured again")
+
+    monkeypatch.setattr(cost, "calibrate", no_measuring)
+    again = cost.load_or_calibrate(bb, progress=False)
+    assert again.to_json() == cal.to_json()
+    # another model shape has its own key and file
+    other = wrap_model(tiny_model("qwen2", layers=4))
+    assert cost.cached_calibration(other) is None
+
+
+def test_stale_or_foreign_calibration_is_refused(cache_dir, monkeypatch):
+    model = tiny_model("llama", layers=2)
+    cost.load_or_calibrate(wrap_model(model), progress=False)
+    bb = wrap_model(model)  # a newly loaded model reads the file
+    path = cost.key_path("calibration", cost.calibration_key(bb))
+    data = json.loads(path.read_text())
+    data["key"]["torch"] = "1.0.0"  # made under another torch: must not be used
+    path.write_text(json.dumps(data))
+    assert cost.cached_calibration(bb) is None
+    path.write_text("{not json")
+    assert cost.cached_calibration(bb) is None
+    # a new measurement replaces it
+    fresh = cost.load_or_calibrate(bb, progress=False)
+    assert json.loads(path.read_text())["key"] == fresh.key == cost.calibration_key(bb)
+    # the key names the machine and the threads: timings from elsewhere never apply here
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert cost.cached_calibration(bb) is None
+
+
+def test_predictions_use_the_calibration_when_asked(cache_dir):
+    bb = wrap_model(tiny_model("qwen2", layers=4))
+    cfg = GenerationConfig(max_new_tokens=20, speech_policy="spar-k:even:2", interleave=Interleave(0, 1))
+    mem = generate(bb, PROMPT, GenerationConfig(**{**cfg.__dict__, "calibrate": False})).stats
+    assert mem["cost_model"] == "memory-bound" and mem["predicted_speedup_calibrated"] is None
+    cal = generate(bb, PROMPT, GenerationConfig(**{**cfg.__dict__, "calibrate": True})).stats
+    assert cal["cost_model"] == "calibrated"
+    assert cal["predicted_speedup"] == cal["predicted_speedup_calibrated"] > 0
+    assert cal["predicted_speedup_memory_bound"] == pytest.approx(mem["predicted_speedup"])
+    batch = generate_batch(bb, [PROMPT, PROMPT[:2]], GenerationConfig(**{**cfg.__dict__, "calibrate": True}))
+    assert batch[0].stats["batch_predicted_speedup_calibrated"] > 0
+
+
+def test_calibrated_time_adds_up_the_passes():
+    cal = cost.Calibration(
+        key={},
+        rows=[1, 2, 4],
+        layer_a=[1.0, 1.5, 2.5],
+        layer_c=[0.01, 0.02, 0.04],
+        mat_sizes=[100, 1000],
+        mat_rows=[1, 2],
+        mat_s=[[0.1, 0.15], [1.0, 1.2]],
+        overhead={"full": 0.5, "early": 0.25},
+    )
+    m = cost.CostMeter([10, 10], [4, 4], 8, 10, 100)
+    m.layer(0, 1, 100)  # 1.0 + 0.01 * 100
+    m.layer(1, 3, 10)  # rows 3: halfway between 2 and 4 -> 2.0 + 0.03 * 10
+    m.matrix(1000, 2, "proj")  # 1.2
+    m.matrix(550, 1, "head")  # halfway in size -> 0.55
+    m.step("full")
+    m.step("early")
+    assert cal.time(m) == pytest.approx(2.0 + 2.3 + 1.2 + 0.55 + 0.75)
+    assert cal.layer_time(8, 0) == pytest.approx(4.5)  # extended linearly beyond the last point
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [("packed",) * 4, ("plain", "rowwise", "rowwise", "rowwise"), ("packed", "rowwise", "packed", "plain")],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_linear_matches_the_module(choice, bias):
+    if "packed" in choice and not kernels.packed_available():
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40, bias=bias)
+    fast = FastLinear(lin.weight, lin.bias, choice)
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 5, 9):
+            x = torch.randn(1, rows, 48)
+            torch.testing.assert_close(fast(x), lin(x), atol=1e-5, rtol=1e-5)
+    # training goes through the plain product (autograd)
+    x = torch.randn(2, 48, requires_grad=True)
+    fast(x).sum().backward()
+    assert x.grad is not None
+
+
+def _force(bb, choice):
+    groups = kernels._linear_groups(bb)
+    for mods in groups.values():
+        for parent, name, child in mods:
+            setattr(parent, name, FastLinear(child.weight, child.bias, choice))
+    bb.refresh_modules()
+    bb.kernel_choice = {"forced": list(choice)}
+
+
+@pytest.mark.parametrize("choice", [("packed",) * 4, ("plain", "rowwise", "rowwise", "rowwise")])
+def test_every_fast_path_gives_the_plain_paths_tokens(choice):
+    if "packed" in choice and not kernels.packed_available():
+        pytest.skip("this torch build has no oneDNN")
+    model = tiny_model("qwen2", layers=5)
+    plain = wrap_model(model)
+    fast = wrap_model(copy.deepcopy(model))
+    _force(fast, choice)
+    assert fast.fingerprint() == plain.fingerprint()  # same weights, other kernels
+    for pol, verify in (
+        ("full", False),
+        ("spar-k:triple:2", False),
+        ("spar-k:FEEE:1", True),
+        ("fixed:3", False),
+    ):
+        cfg = GenerationConfig(
+            max_new_tokens=24, speech_policy=pol, interleave=Interleave(1, 5), verify=verify
+        )
+        a, b = generate(plain, PROMPT, cfg), generate(fast, PROMPT, cfg)
+        assert a.tokens == b.tokens and a.exit_layers == b.exit_layers
+
+
+def test_kernel_choice_is_measured_once_and_cached(cache_dir, monkeypatch):
+    model = tiny_model("llama", layers=3)
+    bb = wrap_model(copy.deepcopy(model))
+    choice = kernels.optimize(bb, progress=False)
+    assert choice and all(len(v) == len(kernels.MEASURED_ROWS) for v in choice.values())
+    assert all(set(v) <= set(kernels.KERNELS) for v in choice.values())
+    assert len(list((cache_dir / "kernels").glob("*.json"))) == 1
+
+    def no_measuring(*a, **k):
+        raise AssertionError("the cached choice must be reused")
+
+    monkeypatch.setattr(kernels, "measure_shape", no_measuring)
+    again = wrap_model(copy.deepcopy(model))
+    assert kernels.optimize(again, progress=False) == choice
+    # and the optimized model decodes what the plain one does
+    cfg = GenerationConfig(max_new_tokens=16, speech_policy="spar-k:even:2", interleave=Interleave(0, 1))
+    assert generate(again, PROMPT, cfg).tokens == generate(wrap_model(model), PROMPT, cfg).tokens

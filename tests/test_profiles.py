@@ -1,0 +1,135 @@
+"""Model profiles: each family's defaults, prompt sources and measures, and `resolve_config`."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny_model
+from sparkee.errors import SparkeeError
+from sparkee.generate import GenerationConfig
+from sparkee.profiles import (
+    ModelProfile,
+    PresetProfile,
+    ReferenceProfile,
+    item_config,
+    load_profile,
+    resolve_config,
+)
+from sparkee.refslm import bundled_model_dir
+from sparkee.schedule import Interleave
+from sparkee.sources import PromptItem
+
+
+@pytest.fixture(scope="module")
+def ref() -> ReferenceProfile:
+    return load_profile(bundled_model_dir())
+
+
+def test_reference_profile_reads_its_model_file(ref):
+    assert isinstance(ref, ReferenceProfile)
+    cfg = ref.defaults
+    assert cfg.interleave == Interleave(2, 12, "padded", 5) and cfg.speech_ids == (279, 342)
+    assert cfg.stop_ids == [2] and cfg.temperature == 0 and cfg.speech_policy == "full"
+    assert ref.heads is not None and ref.heads.name == "tuned-lens-speech.safetensors"
+    assert ref.default_policies(16) == [
+        "full", "fixed:12", "confidence:12:0.5", "spar-k:even:12", "spar-k:odd:12", "spar-k:triple:12",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["padded", "early-stop"])
+def test_a_test_question_encodes_to_its_stored_prompt(ref, fmt):
+    items = ref.prompts("refslm:test", fmt)[:12]
+    assert {it.meta["format"] for it in items} == {fmt}
+    for it in items:
+        assert ref.encode_text(it.meta["question"], fmt) == it.ids, it.meta["question"]
+    # case and punctuation do not matter; the words are spoken as units, not one token each
+    q = items[0].meta["question"]
+    assert ref.encode_text(q.upper() + "?", fmt) == items[0].ids
+    assert len(items[0].ids) > 4 + len(q.split())
+
+
+def test_reference_text_prompts_refuse_unknown_words_and_formats(ref):
+    with pytest.raises(SparkeeError, match="does not know the word 'quokka'"):
+        ref.encode_text("what does a quokka say")
+    with pytest.raises(SparkeeError, match="prompt is empty"):
+        ref.encode_text(" ?! ")
+    with pytest.raises(SparkeeError, match="padded or early-stop"):
+        ref.encode_text("tell me one plus two", "auto")
+    # a question that is not in the bundled data still gets the model's prompt layout
+    ids = ref.encode_text("what is two plus two", "early-stop")
+    assert ids[:2] == [1, 3] and ids[-2:] == [4, 7] and all(279 <= t < 342 for t in ids[2:-2])
+
+
+def test_jsonl_text_prompts_of_the_reference_model_are_spoken(ref, tmp_path):
+    import json
+
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"prompt": "tell me one plus two", "accepted": ["three"]}) + "\n")
+    (item,) = ref.prompts(str(f), "padded")
+    assert item.ids == ref.encode_text("tell me one plus two", "padded")
+    assert item.meta["accepted"] == ["three"]
+
+
+def test_describe_decodes_the_reference_models_answer(ref):
+    from sparkee.refslm.data import build_answer, load_split
+
+    ex = next(e for e in load_split("test") if e.id == "test-00002")
+    tokens, _ = build_answer(ex, ref.vocab, "padded")
+    assert ref.describe(tokens, ref.defaults) == {"text": ex.answer, "speech_transcript": ex.answer}
+
+
+def test_plain_transformers_profile_takes_stop_ids_from_eos(tmp_path):
+    tiny_model("glm").save_pretrained(tmp_path / "glm")  # eos_token_id [1]
+    p = load_profile(tmp_path / "glm")
+    assert type(p) is ModelProfile and p.name == "transformers"
+    assert p.defaults.stop_ids == [1] and p.defaults.interleave is None and p.defaults.speech_ids is None
+    assert p.default_policies(8)[1:3] == ["fixed:6", "confidence:6:0.5"]
+    with pytest.raises(SparkeeError, match="prompts of the bundled reference model"):
+        p.prompts("refslm:test")
+    with pytest.raises(SparkeeError, match="need a tokenizer"):
+        p.encode_text("hello")
+
+
+def test_preset_profiles_wrap_the_models_presets(tmp_path):
+    p = load_profile(tmp_path, preset="glm-4-voice")
+    assert isinstance(p, PresetProfile) and p.name == "glm-4-voice"
+    assert p.default_policies(40)[:3] == ["full", "fixed:38", "confidence:36:0.5"]
+    # no tokenizer files: the speech and stop ids must come from the command line
+    with pytest.raises(SparkeeError, match="--speech-ids"):
+        resolve_config(p, {})
+    cfg = resolve_config(p, {"speech_ids": (151552, 167936), "stop_ids": [151336]})
+    assert cfg.speech_ids == (151552, 167936) and cfg.stop_ids == [151336]
+    assert cfg.interleave.text == 13 and cfg.interleave.speech == 26 and cfg.speech_policy == "spar-k:even:36"
+    with pytest.raises(SparkeeError, match="unknown preset"):
+        load_profile(tmp_path, preset="nope")
+
+
+def test_resolve_config_applies_overrides_and_keeps_the_rest():
+    base = GenerationConfig(
+        interleave=Interleave(2, 12, "padded", 5), speech_ids=(10, 20), stop_ids=[2], temperature=0.7, seed=3
+    )
+    p = ModelProfile("x", None, base)
+    assert resolve_config(p) == base
+    assert resolve_config(p, {"temperature": None, "top_p": None}) == base  # None keeps the default
+    cfg = resolve_config(p, {"max_new_tokens": 5, "format": "early-stop"})
+    assert cfg.interleave == Interleave(2, 12, "early-stop", 5) and cfg.temperature == 0.7 and cfg.seed == 3
+    assert cfg.max_new_tokens == 5
+    cfg = resolve_config(p, {"interleave": (1, 3)})  # a new ratio keeps the format and text-end id
+    assert cfg.interleave == Interleave(1, 3, "padded", 5)
+    assert resolve_config(p, {"stop_ids": []}).stop_ids == []  # explicitly none
+    assert resolve_config(p, {"text_end_id": 7}).interleave.text_end_id == 7
+    with pytest.raises(TypeError, match="unknown keys"):
+        resolve_config(p, {"temprature": 1.0})
+    plain = ModelProfile("plain", None)
+    with pytest.raises(SparkeeError, match="need --interleave"):
+        resolve_config(plain, {"format": "early-stop"})
+    with pytest.raises(SparkeeError, match="text-end token id"):
+        resolve_config(plain, {"interleave": (1, 2), "format": "early-stop"})
+    assert resolve_config(plain, {"interleave": (0, 1)}).interleave == Interleave(0, 1)
+
+
+def test_item_config_follows_the_prompts_format():
+    cfg = GenerationConfig(interleave=Interleave(2, 12, "padded", 5))
+    item = PromptItem([1, 2], {"format": "early-stop"})
+    assert item_config(cfg, item).interleave.format == "early-stop"
+    assert item_config(cfg, PromptItem([1, 2])) is cfg
