@@ -7,7 +7,7 @@ Step kinds, each through the engine's own code paths (backbone blocks, layered K
   deferred deep fill), projection of the k + 1 rows (verification comes free with it), argmax;
 - exit head alone (logit lens and tuned lens), output projection alone (full vocabulary and a
   speech-sized slice of it), and a prefill.
-For each: median milliseconds, milliseconds per layer-row, the weight-read (memory-bound) cost
+Kinds are timed round-robin (one call each per round). For each: median milliseconds, milliseconds per layer-row, the weight-read (memory-bound) cost
 model's figure relative to a full step, and the calibrated model's prediction (cost.py) with
 measured/predicted. Run on a quiet machine (no tests, training or other benchmark beside it).
 
@@ -102,6 +102,7 @@ class Kinds:
 
     def prefill(self, n: int = 64):
         bb = self.bb
+        n = min(n, self.ctx)
         x = self.h[:, :n]
         cache = LayeredKVCache(bb.num_layers, n + 1, bb.num_kv_heads, bb.head_dim, bb.dtype, bb.layer_devices)
         pids = torch.arange(n)[None]
@@ -109,16 +110,21 @@ class Kinds:
         return bb.run_block(0, bb.num_layers, x, None, pids, bb.rope(x, pids), cache)
 
 
-def median_ms(fn, repeats: int) -> float:
+def round_robin_ms(fns: list, repeats: int) -> list[float]:
+    """Median milliseconds of each callable, timed in turn (one call each per round): drift in
+    machine speed hits every kind alike. Timing one kind in a block of calls, then the next, gave
+    20-40% different ratios on this project's machines."""
+    samples = [[] for _ in fns]
     with torch.inference_mode():
-        for _ in range(3):
+        for fn in fns:
             fn()
-        ts = []
+            fn()
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+            for s, fn in zip(samples, fns, strict=True):
+                t0 = time.perf_counter()
+                fn()
+                s.append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(s) for s in samples]
 
 
 def main() -> None:
@@ -183,8 +189,8 @@ def main() -> None:
         ("prefill 64", k.prefill, [(i, 64) for i in range(N)], [], None),
     ]
     rows = []
-    for name, fn, layers_rows, mats, kind in kinds:
-        ms = median_ms(fn, args.repeats)
+    times = round_robin_ms([fn for _, fn, *_ in kinds], args.repeats)
+    for (name, _, layers_rows, mats, kind), ms in zip(kinds, times, strict=True):
         layer_rows = sum(r for _, r in layers_rows)
         pred = predict(layers_rows, mats, kind)
         rows.append(

@@ -26,6 +26,18 @@ torch.set_num_threads(1)
 os.environ.setdefault("SPARKEE_NO_CALIBRATE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Kernel choices and calibrations of test models go to a temporary directory, never the user's."""
+    old = os.environ.get("SPARKEE_CACHE")
+    os.environ["SPARKEE_CACHE"] = str(tmp_path_factory.mktemp("sparkee-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SPARKEE_CACHE", None)
+    else:
+        os.environ["SPARKEE_CACHE"] = old
+
+
 def tiny_model(arch: str = "qwen2", layers: int = 6, hidden: int = 32, vocab: int = 96, seed: int = 0):
     torch.manual_seed(seed)
     common = dict(

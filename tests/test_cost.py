@@ -123,7 +123,7 @@ def _force(bb, choice):
         for parent, name, child in mods:
             setattr(parent, name, FastLinear(child.weight, child.bias, choice))
     bb.refresh_modules()
-    bb.kernel_choice = {"forced": list(choice)}
+    bb.set_kernel_choice({"forced": list(choice)})
 
 
 @pytest.mark.parametrize("choice", [("packed",) * 4, ("plain", "rowwise", "rowwise", "rowwise")])

@@ -15,6 +15,7 @@ from .generate import (
     stream_batch,
 )
 from .heads import ExitHeads, load_heads, resolve_heads
+from .profiles import ModelProfile, load_profile, resolve_config
 from .schedule import Interleave, Policy, expected_depth, parse_interleave, parse_policy
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Generation",
     "GenerationConfig",
     "GenerationResult",
+    "ModelProfile",
     "Interleave",
     "Policy",
     "SparkeeError",
@@ -35,9 +37,11 @@ __all__ = [
     "generate_batch",
     "load_heads",
     "load_model",
+    "load_profile",
     "parse_accept",
     "parse_interleave",
     "parse_policy",
+    "resolve_config",
     "resolve_heads",
     "stream",
     "stream_batch",

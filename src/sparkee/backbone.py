@@ -59,11 +59,14 @@ class Backbone:
         self._restricted.clear()
 
     def kernel_signature(self) -> str:
-        """What the linear layers run (part of a calibration's key)."""
-        if not self.kernel_choice:
-            return "plain"
-        text = json.dumps(self.kernel_choice, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """What the model's own linear layers run (part of a calibration's key). Shapes measured
+        later for heads and restricted projections do not change it."""
+        return getattr(self, "_kernel_signature", None) or "plain"
+
+    def set_kernel_choice(self, choice: dict) -> None:
+        self.kernel_choice = dict(choice)
+        text = json.dumps(choice, sort_keys=True)
+        self._kernel_signature = hashlib.sha256(text.encode()).hexdigest()[:12] if choice else None
 
     @property
     def device(self) -> torch.device:

@@ -41,6 +41,43 @@ POOL_SYNTAX = (
 
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
+ACCEPT_SYNTAX = "exact, topk:K, typical:EPS[:DELTA] or unit-distance:D"
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile each step kind once (CUDA: mode reduce-overhead, i.e. CUDA graphs).",
+    ),
+]
+PlainKernelsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--plain-kernels",
+        help="CPU: keep torch's default linear kernels instead of those measured fastest here.",
+    ),
+]
+NoCalibrateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-calibrate",
+        help="Predict speed-ups with the weight-read model, not this machine's measured costs.",
+    ),
+]
+UnitDistanceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--unit-distance",
+        help="Plug-in of the unit-distance rule: refslm, refslm-phone-class or module:attr "
+        "(default: the model's own).",
+    ),
+]
+RepetitionOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--repetition-penalty",
+        help="transformers' repetition penalty on every step kind (default: 1, or the preset's).",
+    ),
+]
 
 # the decoding options shared by generate, train-heads, layer-report and eval (None: the model's own)
 DECODING_OPTIONS = {
@@ -248,8 +285,15 @@ def generate(
     top_k: int = typer.Option(None, "--top-k", help="0 = off (the default)."),
     seed: int = typer.Option(None, "--seed"),
     verify: bool = typer.Option(
-        False, "--verify", help="Reject early tokens the last layer disagrees with (lossless)."
+        False,
+        "--verify",
+        help="Check early tokens against the last layer; reject by --accept (exact: lossless).",
     ),
+    accept: str = typer.Option(
+        None, "--accept", help=f"Acceptance rule at speech steps: {ACCEPT_SYNTAX} (default: exact)."
+    ),
+    unit_distance: UnitDistanceOpt = None,
+    repetition_penalty: RepetitionOpt = None,
     speech_vocab_only: bool = typer.Option(
         False, "--speech-vocab-only", help="At speech steps project onto speech and control ids only."
     ),
@@ -261,10 +305,26 @@ def generate(
     prefill_pool: str = typer.Option(
         None, "--prefill-pool", help=f"Affinity Pooling of the speech input: {POOL_SYNTAX}."
     ),
+    prompts_file: Path = typer.Option(
+        None,
+        "--prompts-file",
+        help="JSONL of prompts (as eval's --data), decoded --batch-size at a time; one result per prompt.",
+    ),
+    batch_size: int = typer.Option(1, "--batch-size", help="Prompts of --prompts-file decoded together."),
+    history: Path = typer.Option(
+        None,
+        "--history",
+        help="Dialogue history (JSON or JSONL, see README): --prompt becomes its next user turn (presets).",
+    ),
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    compile_steps: CompileOpt = False,
+    plain_kernels: PlainKernelsOpt = False,
+    no_calibrate: NoCalibrateOpt = False,
     as_json: bool = typer.Option(
-        False, "--json", help="Print one JSON object: tokens, modalities, exit_layers, stats."
+        False,
+        "--json",
+        help="Print one JSON object (a line per prompt): tokens, modalities, exit_layers, stats.",
     ),
     trace: bool = typer.Option(False, "--trace", help="With --json, add the per-step records."),
     *,
@@ -272,22 +332,33 @@ def generate(
 ) -> None:
     """Generate with scheduled early exit and print the tokens, the per-step trace and stats."""
     from .backbone import load_model
-    from .generate import Generation
     from .heads import resolve_heads
     from .profiles import resolve_config
     from .schedule import parse_policy
 
     if trace and not as_json:
         raise SparkeeError("--trace adds the per-step records to the JSON output: give --json too")
-    if (prompt is None) == (prompt_ids is None):
-        raise SparkeeError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    given = [x is not None for x in (prompt_ids, prompts_file)] + [prompt is not None and history is None]
+    if history is not None and prompt_ids is not None:
+        raise SparkeeError("--history takes the new question as --prompt TEXT, not --prompt-ids")
+    if sum(given) + (history is not None) != 1:
+        raise SparkeeError(
+            "give exactly one of --prompt TEXT, --prompt-ids 1,2,3, --prompts-file FILE or --history FILE"
+        )
+    check_at_least(batch_size, 1, "--batch-size")
+    if batch_size > 1 and prompts_file is None:
+        raise SparkeeError("--batch-size decodes several prompts together: give them with --prompts-file")
     for spec in (speech_policy, text_policy):
         if spec is not None:
             parse_policy(spec)
+    if accept is not None:
+        from .accept import parse_accept
+
+        parse_accept(accept)
     ids = parse_ids(prompt_ids, "--prompt-ids") if prompt_ids is not None else None
     pool = pool_option(prefill_pool) if prefill_pool is not None else None
     overrides = decoding.overrides()  # bad option values fail before the model loads
-    bb = load_model(model, dtype=dtype, device=device)
+    bb = load_model(model, dtype=dtype, device=device, fast=not plain_kernels, compile=compile_steps)
     profile = decoding.profile(model, bb)
     cfg = resolve_config(
         profile,
@@ -301,14 +372,27 @@ def generate(
             "top_k": top_k,
             "seed": seed,
             "verify": verify or None,  # flags only switch on: None keeps the profile's setting
+            "accept": accept,
+            "unit_distance": unit_distance,
+            "repetition_penalty": repetition_penalty,
             "speech_vocab_only": speech_vocab_only or None,
             "audit_vocab": None if vocab_audit else False,
             "prefill_pool": pool,
+            "calibrate": False if no_calibrate else None,
         },
     )
-    if ids is None:
-        ids = profile.encode_text(prompt, cfg.interleave.format if cfg.interleave else None)
-    gen = Generation(bb, resolve_heads(heads, bb), ids, cfg)
+    exit_heads = resolve_heads(heads, bb)
+    fmt = cfg.interleave.format if cfg.interleave else None
+    if prompts_file is not None:
+        _generate_many(bb, exit_heads, profile, cfg, str(prompts_file), fmt, batch_size, as_json, trace)
+        return
+    if history is not None:
+        ids = profile.encode_dialogue(history, text=prompt)
+    elif ids is None:
+        ids = profile.encode_text(prompt, fmt)
+    from .generate import Generation
+
+    gen = Generation(bb, exit_heads, ids, cfg)
     if as_json:
         res = gen.result()
         out = res.as_json() | profile.describe(res.tokens, cfg)
@@ -328,6 +412,117 @@ def generate(
     print_stats(res.stats)
 
 
+def _generate_many(
+    bb, heads, profile, cfg, source: str, fmt, batch_size: int, as_json: bool, trace: bool
+) -> None:
+    """--prompts-file: every prompt, `batch_size` at a time; a JSON line (or a block of text) each."""
+    from .generate import generate_batch
+    from .profiles import item_config
+    from .trace import steps_as_dicts
+
+    items = profile.prompts(source, fmt)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        groups: dict[str, list[int]] = {}  # prompts that fix another format decode apart
+        for n, item in enumerate(chunk):
+            groups.setdefault(repr(item_config(cfg, item).interleave), []).append(n)
+        results = [None] * len(chunk)
+        for members in groups.values():
+            c = item_config(cfg, chunk[members[0]])
+            for n, res in zip(
+                members, generate_batch(bb, [chunk[n].ids for n in members], c, heads), strict=True
+            ):
+                results[n] = (res, c)
+        for n, (res, c) in enumerate(results):
+            meta = {k: v for k, v in chunk[n].meta.items() if isinstance(v, (str, int, float, bool))}
+            if as_json:
+                out = {"index": start + n, **meta, **res.as_json(), **profile.describe(res.tokens, c)}
+                if trace:
+                    out["steps"] = steps_as_dicts(res.steps)
+                typer.echo(json.dumps(out))
+            else:
+                typer.echo(
+                    f"[{start + n}] "
+                    + " ".join(
+                        f"{t}{'~' if m == 'speech' else ''}@{e}"
+                        for t, m, e in zip(res.tokens, res.modalities, res.exit_layers, strict=True)
+                    )
+                )
+                for name, text in profile.describe(res.tokens, c).items():
+                    typer.echo(f"    {name.replace('_', ' ')}: {text}")
+        if not as_json and results:
+            st = results[0][0].stats
+            if st.get("batch_size"):
+                typer.echo(
+                    f"    batch of {st['batch_size']}: {st['batch_new_tokens']} new tokens, "
+                    f"{(st['batch_tokens_per_s'] or 0):.1f} tokens/s, predicted speed-up "
+                    f"{(st['batch_predicted_speedup'] or 0):.2f}"
+                )
+
+
+@app.command()
+@friendly
+def calibrate(
+    model: Path = typer.Option(..., "--model", help="Checkpoint directory to measure."),
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    force: bool = typer.Option(False, "--force", help="Measure again even when a calibration is cached."),
+    plain_kernels: PlainKernelsOpt = False,
+    as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
+) -> None:
+    """Measure this machine's decode costs for a model (layer passes by rows, heads, projections,
+    step overheads) and cache them; speed-up predictions then use them. Run on a quiet machine."""
+    from . import cost
+    from .backbone import load_model
+
+    if force:  # a new measurement of the kernel choice, then of the costs
+        from . import kernels
+
+        bb = load_model(model, dtype=dtype, device=device, fast=False)
+        for kind, key in (("kernels", kernels.kernels_key(bb)),):
+            cost.key_path(kind, key).unlink(missing_ok=True)
+    bb = load_model(model, dtype=dtype, device=device, fast=not plain_kernels)
+    if force:
+        cost.key_path("calibration", cost.calibration_key(bb)).unlink(missing_ok=True)
+    cal = cost.load_or_calibrate(bb)
+    path = cost.key_path("calibration", cal.key)
+    if as_json:
+        typer.echo(json.dumps(cal.to_json()))
+        return
+    print_calibration(bb, cal)
+    typer.echo(f"cached in {path}")
+
+
+def print_calibration(bb, cal) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .cost import predict_schedules
+
+    con = Console()
+    t = Table("rows", "ms per layer pass (context 0)", "extra us per context position", title="layer passes")
+    for r, a, c in zip(cal.rows, cal.layer_a, cal.layer_c, strict=True):
+        t.add_row(str(r), f"{1e3 * a:.3f}", f"{1e6 * c:.3f}")
+    con.print(t)
+    m = Table(
+        "weight elements",
+        *[f"{r} rows (ms)" for r in cal.mat_rows],
+        title="matrix products (heads, projections)",
+    )
+    for el, row in zip(cal.mat_sizes, cal.mat_s, strict=True):
+        m.add_row(f"{el:,}", *[f"{1e3 * x:.3f}" for x in row])
+    con.print(m)
+    con.print("step overheads (ms): " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in cal.overhead.items()))
+    p = Table(
+        "schedule (every step speech)",
+        "predicted speed-up over full",
+        title=f"kernels {bb.kernel_signature()}",
+    )
+    for name, x in predict_schedules(bb, cal).items():
+        p.add_row(name, f"{x:.3f}")
+    con.print(p)
+
+
 @app.command("train-heads")
 @friendly
 @decoding_options
@@ -341,7 +536,12 @@ def train_heads(
     ),
     out: Path = typer.Option(..., "--out", help="Heads file to write (.safetensors); metrics go beside it."),
     steps: int = typer.Option(400, "--steps", help="Optimizer steps."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Rows (generated steps) per batch."),
+    train_batch_size: int = typer.Option(
+        256, "--train-batch-size", help="Rows (generated steps) per optimizer step."
+    ),
+    batch_size: int = typer.Option(
+        1, "--batch-size", help="Prompts decoded together while labelling (same labels as one by one)."
+    ),
     lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (cosine schedule with warm-up)."),
     seed: int = typer.Option(0, "--seed"),
     val_fraction: float = typer.Option(
@@ -376,7 +576,8 @@ def train_heads(
         raise SparkeeError(f"--token-set must be all or speech, got '{token_set}'")
     if out.suffix != ".safetensors" or out.is_dir():
         raise SparkeeError(f"--out must name a .safetensors file, got '{out}'")
-    check_training(steps, batch_size, lr, val_fraction, stop_after)
+    check_training(steps, train_batch_size, lr, val_fraction, stop_after)
+    check_at_least(batch_size, 1, "--batch-size")
     check_limit(limit)
     overrides = decoding.overrides()
     bb = load_model(model, dtype=dtype, device=device)
@@ -394,7 +595,8 @@ def train_heads(
         ids,
         out,
         steps=steps,
-        batch_size=batch_size,
+        batch_size=train_batch_size,
+        label_batch_size=batch_size,
         lr=lr,
         seed=seed,
         val_fraction=val_fraction,
@@ -465,11 +667,18 @@ def layer_report(
     typer.echo(f"wrote {out}/layer_report.json, layer_report.md, layer_report.png")
 
 
-def _measure_notes(model: Path) -> str:
+def _measure_notes(model: Path, batch_size: int = 1) -> str:
+    batched = (
+        f" Examples were decoded {batch_size} at a time, so speed-ups are those of batched decoding."
+        if batch_size > 1
+        else ""
+    )
     return (
-        f"Model: {model}. Speed-ups are wall-clock ratios against the full row, measured in this run "
-        "(examples round-robin over rows). Results on the bundled reference model say nothing about GLM-4-Voice "
-        "or Step-Audio-2."
+        f"Model: {model}. Measured speed-ups are ratios of decode wall-clock time against the full row "
+        "(the prefill, the same for every row, is reported as TTFT), measured in this run with examples "
+        "round-robin over rows; predicted speed-ups come from this machine's calibrated cost model "
+        f"(`sparkee calibrate`).{batched} Results on the bundled reference model say nothing about "
+        "GLM-4-Voice or Step-Audio-2."
     )
 
 
@@ -497,7 +706,26 @@ def eval_cmd(
         "--sweep-exit-layers",
         help="A:B (A < B) repeats every layer-taking policy at exit layers A to B-1.",
     ),
-    verify: bool = typer.Option(False, "--verify", help="Verified (lossless) mode for every row."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Verified mode (exact rule) for every row; a row may end in +verify=RULE."
+    ),
+    frontier: bool = typer.Option(
+        False,
+        "--frontier",
+        help="Rows: verified SPAR-K over --frontier-layers x patterns FE, FEE, FEEE, FEEEEEEE, adaptive "
+        "x rules exact, topk:2, typical:0.2, unit-distance:0.5 (instead of --policies).",
+    ),
+    frontier_layers: str = typer.Option(
+        "4,8,12", "--frontier-layers", help="Exit layers of the --frontier grid, comma-separated."
+    ),
+    batch_size: int = typer.Option(
+        1, "--batch-size", help="Examples of a row decoded together (same tokens; speed measured batched)."
+    ),
+    unit_distance: UnitDistanceOpt = None,
+    repetition_penalty: RepetitionOpt = None,
+    compile_steps: CompileOpt = False,
+    plain_kernels: PlainKernelsOpt = False,
+    no_calibrate: NoCalibrateOpt = False,
     prefill_pool: list[str] = typer.Option(
         None,
         "--prefill-pool",
@@ -538,17 +766,41 @@ def eval_cmd(
 
     check_limit(limit)
     check_at_least(audio_examples, 0, "--audio-examples")
+    check_at_least(batch_size, 1, "--batch-size")
     check_out_dir(out)
+    if frontier and policies:
+        raise SparkeeError("--frontier makes its own rows: leave out --policies")
+    layers_grid = parse_ids(frontier_layers, "--frontier-layers") if frontier else []
     pools = list(prefill_pool or [])
     for p in pools:
         pool_option(p)
     overrides = decoding.overrides()
-    bb = load_model(model, dtype=dtype, device=device)
+    bb = load_model(model, dtype=dtype, device=device, fast=not plain_kernels, compile=compile_steps)
     profile = decoding.profile(model, bb)
-    policies = policies or ",".join(profile.default_policies(bb.num_layers))
-    rows = parse_rows(policies, text_policy, sweep, bb.num_layers, pools or None)
+    if frontier:
+        from .eval.harness import frontier_rows
+
+        rows = frontier_rows(layers_grid, num_layers=bb.num_layers)
+    else:
+        policies = policies or ",".join(profile.default_policies(bb.num_layers))
+        rows = parse_rows(policies, text_policy, sweep, bb.num_layers, pools or None)
     exit_heads = resolve_heads(heads, bb)
-    cfg = resolve_config(profile, overrides | {"max_new_tokens": max_new_tokens})
+    cfg = resolve_config(
+        profile,
+        overrides
+        | {
+            "max_new_tokens": max_new_tokens,
+            "unit_distance": unit_distance,
+            "repetition_penalty": repetition_penalty,
+            "calibrate": False if no_calibrate else None,
+        },
+    )
+    from .generate import calibration_wanted
+
+    if calibration_wanted(cfg):  # measured once, before anything is timed
+        from .cost import load_or_calibrate
+
+        load_or_calibrate(bb, exit_heads)
     prompts, digest = load_data(profile, data, decoding.fmt, limit)
     the_judge = plugins.HttpJudge(judge_url, judge_model) if judge_url else plugins.resolve("judge", judge)
     measures = profile.measures(cfg, vocoder, transcriber, asr, mos, the_judge)
@@ -558,6 +810,7 @@ def eval_cmd(
         "data": {"source": data, "digest": digest},
         "decoding": config_json(cfg),
         "verify": verify,
+        "batch_size": batch_size,  # the same tokens, but timings of another kind
         "measures": {
             "vocoder": vocoder,
             "transcriber": transcriber,
@@ -576,8 +829,9 @@ def eval_cmd(
         out,
         audio_examples,
         verify,
+        batch_size,
     )
-    _run_and_report(run, manifest, fresh, f"sparkee eval: {model.name}", _measure_notes(model))
+    _run_and_report(run, manifest, fresh, f"sparkee eval: {model.name}", _measure_notes(model, batch_size))
     typer.echo(f"wrote {out}/table.md, table.csv, summary.json, results.jsonl, report.html and plots")
 
 
@@ -630,6 +884,9 @@ def demo(
     audio_examples: int = typer.Option(
         3, "--audio-examples", help="WAV files for the first N answers per policy."
     ),
+    batch_size: int = typer.Option(
+        1, "--batch-size", help="Questions of a row decoded together (same answers; speed measured batched)."
+    ),
 ) -> None:
     """Answer the bundled reference SLM's test questions under each policy; print the paper's Table 2."""
     from .backbone import load_model
@@ -650,6 +907,7 @@ def demo(
         raise SparkeeError(f"unknown format '{fmt}': use {' or '.join(REFSLM_FORMATS)}")
     check_limit(limit)
     check_at_least(audio_examples, 0, "--audio-examples")
+    check_at_least(batch_size, 1, "--batch-size")
     check_out_dir(out)
     bb = load_model(model)
     profile = load_profile(model, bb=bb)
@@ -667,6 +925,12 @@ def demo(
     typer.echo(
         f"reference SLM: {bb.num_layers} layers, heads: {exit_heads.kind}, {len(prompts)} test questions, format {fmt}"
     )
+    from .generate import calibration_wanted
+
+    if calibration_wanted(cfg):  # measured once, before anything is timed
+        from .cost import load_or_calibrate
+
+        load_or_calibrate(bb, exit_heads)
     run = EvalRun(
         bb,
         exit_heads,
@@ -676,10 +940,11 @@ def demo(
         profile.measures(cfg),
         out,
         audio_examples,
+        batch_size=batch_size,
     )
     manifest = {"model": bb.fingerprint(), "heads": heads_identity(heads), "data": digest}
     # a demo measures speed in one run: it always starts afresh
-    _run_and_report(run, manifest, True, "sparkee demo: reference SLM", _measure_notes(model))
+    _run_and_report(run, manifest, True, "sparkee demo: reference SLM", _measure_notes(model, batch_size))
     typer.echo(f"wrote {out}/summary.json, table.md, report.html and WAVs under {out}/audio")
 
 

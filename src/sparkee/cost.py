@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-CALIBRATION_VERSION = 1
-ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # rows of a layer pass that are measured; others interpolated
+CALIBRATION_VERSION = 2
+# rows of a layer pass that are measured; others interpolated (a fixed-exit flush can be long)
+ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,30 +307,30 @@ def _sync(bb) -> None:
         torch.cuda.synchronize()
 
 
-def calibrate(
-    bb, progress: bool = True, rows: tuple[int, ...] = ROWS, repeats: int | None = None
-) -> Calibration:
-    """Measure this machine's costs for `bb` through the engine's own code paths (see module doc)."""
+def calibrate(bb, progress: bool = True, rows: tuple[int, ...] = ROWS, budget_s: float = 12.0) -> Calibration:
+    """Measure this machine's costs for `bb` through the engine's own code paths (see module doc).
+
+    Every measured point (a pass over all layers for each context and row count, each matrix
+    product) is timed once per round, and rounds repeat until about `budget_s` seconds are spent
+    (at least 5, at most 41): drift in machine speed then hits every point alike, and medians
+    over rounds keep one slow call from moving a point.
+    """
     from tqdm.auto import tqdm
 
     from .cache import LayeredKVCache
     from .generate import context_limit
+    from .kernels import fast_linear
 
     N, H, V = bb.num_layers, bb.hidden_size, bb.vocab_size
-    per_token = sum(bb.layer_params) + H * V  # weight elements of one full step
-    if repeats is None:  # keep big models' calibration to a minute or so
-        repeats = 7 if per_token < 5e7 else 5 if per_token < 5e8 else 3
     limit = context_limit(bb) or 4096
-    ctxs = (min(32, limit // 4), min(384, limit // 2))
+    ctxs = (min(32, limit // 4), min(512, limit // 2))
     kmax = max(rows)
-    total = len(ctxs) * len(rows) + 3 * len(rows) + 2
-    bar = tqdm(total=total, desc="calibrating", disable=not progress, leave=False, file=sys.stderr)
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(bb.device, bb.dtype)
 
-    layer_s = {c: [] for c in ctxs}
+    points: dict[tuple, object] = {}
     with torch.inference_mode():
         for ctx in ctxs:
             cache = LayeredKVCache(
@@ -344,7 +345,7 @@ def calibrate(
                 pids = torch.arange(ctx, ctx + r, device=bb.device)[None]
                 pe = bb.rope(x, pids)
                 mask = None
-                if r > 1:
+                if r > 1:  # the engine's offset causal mask
                     q = torch.arange(ctx, ctx + r, device=bb.device)[:, None]
                     mask = (torch.arange(ctx + r, device=bb.device)[None] <= q)[None, None]
 
@@ -352,21 +353,13 @@ def calibrate(
                     cache.begin_pass([0], [r], [ctx])
                     bb.run_block(0, N, x, mask, pids, pe, cache)
                     for i in range(N):
-                        cache.lens[i][0] -= r
+                        cache.lens[i][0] = ctx
                     _sync(bb)
 
-                layer_s[ctx].append(_median_time(one_pass, repeats) / N)
-                bar.update()
-        (c0, c1) = ctxs
-        layer_c = [max((b - a) / (c1 - c0), 0.0) for a, b in zip(layer_s[c0], layer_s[c1], strict=True)]
-        layer_a = [a - c * c0 for a, c in zip(layer_s[c0], layer_c, strict=True)]
-
+                points[("layer", ctx, r)] = one_pass
         # matrix products: the output projection (full and restricted) and an H x H translator
-        from .kernels import fast_linear
-
         sizes = sorted({H * H, H * max(V // 16, 1), H * max(V // 4, 1), H * V})
         mat_rows = [r for r in rows if r <= 8] or [1]
-        mat_s = []
         for el in sizes:
             out = el // H
             if out == V:
@@ -376,7 +369,6 @@ def calibrate(
                 lin = fast_linear(
                     torch.nn.Linear(H, out, bias=False, device=bb.device, dtype=bb.dtype), bb, w
                 )
-            row_s = []
             for r in mat_rows:
                 x = randn(1, r, H)
 
@@ -384,9 +376,25 @@ def calibrate(
                     lin(x)
                     _sync(bb)
 
-                row_s.append(_median_time(prod, repeats + 4))
-            mat_s.append(row_s)
-            bar.update(len(mat_rows) * 3 // len(sizes))
+                points[("mat", el, r)] = prod
+        for fn in points.values():  # warm-up: allocator, thread pool, packed weights
+            fn()
+        t0 = time.perf_counter()
+        for fn in points.values():
+            fn()
+        per_round = time.perf_counter() - t0
+        rounds = int(min(41, max(5, budget_s / max(per_round, 1e-6))))
+        samples: dict[tuple, list[float]] = {p: [] for p in points}
+        for _ in tqdm(range(rounds), desc="calibrating", disable=not progress, leave=False, file=sys.stderr):
+            for p, fn in points.items():
+                t = time.perf_counter()
+                fn()
+                samples[p].append(time.perf_counter() - t)
+        med = {p: statistics.median(v) for p, v in samples.items()}
+        c0, c1 = ctxs
+        layer_c = [max((med[("layer", c1, r)] - med[("layer", c0, r)]) / (c1 - c0) / N, 0.0) for r in rows]
+        layer_a = [med[("layer", c0, r)] / N - c * c0 for r, c in zip(rows, layer_c, strict=True)]
+        mat_s = [[med[("mat", el, r)] for r in mat_rows] for el in sizes]
         cal = Calibration(
             calibration_key(bb),
             list(rows),
@@ -397,14 +405,15 @@ def calibrate(
             mat_s,
             {"full": 0.0, "early": 0.0},
         )
-        cal.overhead = _measure_overhead(bb, cal, repeats)
-        bar.update(bar.total - bar.n)
-    bar.close()
+        cal.overhead = _measure_overhead(bb, cal, max(3, min(rounds // 3, 9)))
     return cal
 
 
 def _measure_overhead(bb, cal: Calibration, repeats: int) -> dict[str, float]:
-    """Seconds per step beyond the modelled passes: run short real generations and subtract."""
+    """Seconds per step beyond the modelled passes (embedding, sampling, checks, bookkeeping):
+    short real generations, round-robin, minus what the table predicts for their passes. Plain
+    full steps from an all-full run; early steps and refreshes (full steps that check pending
+    early tokens) from two SPAR-K runs with one and three early steps per refresh."""
     from .generate import GenerationConfig, generate
     from .heads import ExitHeads
     from .schedule import Interleave
@@ -413,20 +422,30 @@ def _measure_overhead(bb, cal: Calibration, repeats: int) -> dict[str, float]:
     heads = ExitHeads(bb, "logit-lens")
     gen = torch.Generator(device="cpu").manual_seed(1)
     prompt = torch.randint(0, bb.vocab_size, (16,), generator=gen).tolist()
-    out = {}
-    for kind, policy in (("full", "full"), ("early", f"fixed:{max(1, N // 2)}")):
-        cfg = GenerationConfig(
-            max_new_tokens=24, speech_policy=policy, interleave=Interleave(0, 1), calibrate=False
-        )
-        residues = []
-        for _ in range(max(3, repeats // 2)):
+    L = max(1, N // 2)
+    runs = {"full": "full", "even": f"spar-k:FE:{L}", "feee": f"spar-k:FEEE:{L}"}
+    residues: dict[str, list[float]] = {k: [] for k in runs}
+    counts: dict[str, dict] = {}
+    for _ in range(repeats):
+        for name, policy in runs.items():
+            cfg = GenerationConfig(
+                max_new_tokens=25, speech_policy=policy, interleave=Interleave(0, 1), calibrate=False
+            )
             res = generate(bb, prompt, cfg, heads=heads)
-            meter = res.meter
-            steps = sum(meter.steps.values())
-            residues.append((res.stats["decode_s"] - cal.time(meter, with_overhead=False)) / max(steps, 1))
-        out[kind] = max(statistics.median(residues), 0.0)
-    out["fallback"] = out["full"]
-    return out
+            residues[name].append(res.stats["decode_s"] - cal.time(res.meter, with_overhead=False))
+            counts[name] = dict(res.meter.steps)
+    r = {k: statistics.median(v) for k, v in residues.items()}
+    full = max(r["full"] / max(sum(counts["full"].values()), 1), 0.0)
+    # residue - full * (plain full steps) = early * n_early + refresh * n_refresh, in both runs
+    (e1, f1), (e2, f2) = [(counts[k].get("early", 0), counts[k].get("refresh", 0)) for k in ("even", "feee")]
+    y1 = r["even"] - full * counts["even"].get("full", 0)
+    y2 = r["feee"] - full * counts["feee"].get("full", 0)
+    det = e1 * f2 - e2 * f1
+    if det:
+        early, refresh = (y1 * f2 - y2 * f1) / det, (e1 * y2 - e2 * y1) / det
+    else:  # the two runs cannot separate them: one figure for both
+        early = refresh = (y1 + y2) / max(e1 + f1 + e2 + f2, 1)
+    return {"full": full, "fallback": full, "early": max(early, 0.0), "refresh": max(refresh, 0.0)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,8 +461,7 @@ def baseline_meter(meter: CostMeter, records, prompt_len: int, full_proj: list[i
     N = len(meter.layer_params)
     # step k >= 1 feeds new token k - 1 at position prompt_len + k - 1, so it sees prompt_len + k positions
     for k in range(1, len(records)):
-        for i in range(N):
-            base.layer(i, 1, prompt_len + k)
+        base.layers(0, N, 1, prompt_len + k)
         base.matrix(full_proj[k], 1, "proj")
         base.step("full")
     return base
@@ -457,8 +475,7 @@ def batch_stats(meter: CostMeter, traces, num_layers: int, decode_s: float, cali
     for s in range(1, max(lengths)):
         live = [t for t, n in zip(traces, lengths, strict=True) if n > s]
         ctx = max(t.prompt_len + s for t in live)
-        for i in range(num_layers):
-            base.layer(i, len(live), ctx, seqs=len(live))
+        base.layers(0, num_layers, len(live), ctx, seqs=len(live))
         base.matrix(meter.hidden * meter.vocab, len(live), "proj")
         for _ in live:
             base.step("full")
@@ -476,3 +493,46 @@ def batch_stats(meter: CostMeter, traces, num_layers: int, decode_s: float, cali
         "batch_predicted_speedup_memory_bound": pred_mem,
         "batch_predicted_speedup_calibrated": pred_cal,
     }
+
+
+def predict_schedules(bb, cal: Calibration, new_tokens: int = 64, context: int = 80) -> dict[str, float]:
+    """Predicted speed-ups over full depth of a few schedules with every step a speech step, as the
+    engine would run them unverified (exit layers at 1/2 and 3/4 of the depth; logit-lens heads)."""
+    from .schedule import parse_policy
+
+    N, H, V = bb.num_layers, bb.hidden_size, bb.vocab_size
+    out = {}
+    base = None
+    for L in sorted({max(1, N // 2), max(1, round(0.75 * N))}):
+        for spec in ("full", f"spar-k:even:{L}", f"spar-k:triple:{L}", f"spar-k:FEEE:{L}", f"fixed:{L}"):
+            pol = parse_policy(spec, N)
+            m = new_meter(bb)
+            pending = 0
+            for k in range(1, new_tokens + 1):
+                ctx = context + k
+                action, layer = pol.plan(k)
+                if action == "exit":
+                    m.layers(0, layer, 1, ctx)
+                    m.matrix(H * V, 1, "head")
+                    m.step("early")
+                    pending += 1
+                elif pending:
+                    lo = pol.layer
+                    m.layers(0, lo, 1, ctx)
+                    m.layers(lo, N, pending + 1, ctx)
+                    m.matrix(H * V, pending + 1, "proj")
+                    m.step("refresh")
+                    pending = 0
+                else:
+                    m.layers(0, N, 1, ctx)
+                    m.matrix(H * V, 1, "proj")
+                    m.step("full")
+            if pending:  # the final flush
+                m.layers(pol.layer, N, pending, context + new_tokens)
+                m.matrix(H * V, pending, "proj")
+            t = cal.time(m)
+            if spec == "full":
+                base = t
+            else:
+                out[spec] = base / t
+    return out

@@ -613,8 +613,6 @@ def _emit_full(run: _Run, b: int, full, restricted, j: int, state, modality: str
     )
     rec.misplanned = misplanned(modality, plan.kind_of(token))
     tr.append(rec, state)
-    run.meters[b].step(action)
-    run.batch_meter.step(action)
 
 
 def _emit_early(run: _Run, b: int, logits: torch.Tensor, rp: _RowPlan, filled: int) -> None:
@@ -696,6 +694,11 @@ def _finish_full(run: _Run, carry: _Carry, live: dict[int, _RowPlan] | None) -> 
     for b, s, c in zip(carry.rows, carry.start, carry.count, strict=True):
         tr = run.traces[b]
         n_pending = c - (1 if live is not None else 0)
+        # the fixed work of the step, for the calibrated cost model: a refresh checks pending tokens
+        kind = "refresh" if n_pending else live[b].action if live is not None else None
+        if kind is not None:
+            run.meters[b].step(kind)
+            run.batch_meter.step(kind)
         if _check_pending(run, b, full, restricted, first, s, n_pending):
             if live is not None:
                 tr.wasted += 1  # this step's own pass served the check only
@@ -845,6 +848,11 @@ def _check_prompt(bb: Backbone, prompt: Sequence[int], where: str = "the prompt"
     bad = [t for t in prompt if not 0 <= int(t) < V]
     if bad:
         raise SparkeeError(f"{where} has token id {bad[0]}, outside the vocabulary (0..{V - 1})")
+
+
+def calibration_wanted(cfg: GenerationConfig) -> bool:
+    """Whether predictions use this machine's measured costs (see GenerationConfig.calibrate)."""
+    return _calibrate_wanted(cfg)
 
 
 def _calibrate_wanted(cfg: GenerationConfig) -> bool:

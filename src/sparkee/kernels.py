@@ -205,7 +205,7 @@ def optimize(bb, progress: bool = True) -> dict[str, list[str]]:
         for parent, name, child in mods:
             setattr(parent, name, FastLinear(child.weight, child.bias, ch))
     bb.refresh_modules()
-    bb.kernel_choice = {k: list(v) for k, v in choice.items()}
+    bb.set_kernel_choice({k: list(v) for k, v in choice.items()})
     return bb.kernel_choice
 
 

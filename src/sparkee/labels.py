@@ -88,16 +88,18 @@ def collect_labels(
     layers: list[int],
     indices: list[int] | None = None,
     desc: str = "labels",
+    batch_size: int = 1,
 ) -> Labels:
     """Full-depth generation, then one teacher-forced pass per prompt keeping the requested layers.
 
     `cfg_for(item)` gives each prompt its decoding (a prompt may fix its own interleave format);
-    `indices` are the prompt numbers recorded in `Labels.example` (default 0..n-1).
+    `indices` are the prompt numbers recorded in `Labels.example` (default 0..n-1). Generation
+    decodes `batch_size` prompts together (generate_batch: the same tokens as one by one).
     """
     parts = []
     indices = indices if indices is not None else list(range(len(prompts)))
-    for n, item in zip(indices, tqdm(prompts, desc=desc, leave=False), strict=True):
-        res = generate(bb, item.ids, cfg_for(item))
+    results = _generate_all(bb, prompts, cfg_for, batch_size, desc)
+    for n, item, res in zip(indices, prompts, results, strict=True):
         seq = item.ids + res.tokens[:-1]  # step k fed position len(prompt) - 1 + k
         with torch.inference_mode():
             out = bb.model(torch.tensor([seq], device=bb.device), output_hidden_states=True, use_cache=False)
@@ -114,6 +116,28 @@ def collect_labels(
             )
         )
     return Labels.cat(parts)
+
+
+def _generate_all(bb: Backbone, prompts: list[PromptItem], cfg_for, batch_size: int, desc: str) -> list:
+    """Every prompt's generation, `batch_size` at a time; prompts with another config decode apart."""
+    from .generate import generate_batch
+
+    results: list = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, leave=False) as bar:
+        for start in range(0, len(prompts), batch_size):
+            groups: dict[str, list[int]] = {}
+            for k in range(start, min(start + batch_size, len(prompts))):
+                groups.setdefault(repr(cfg_for(prompts[k])), []).append(k)
+            for members in groups.values():
+                cfg = cfg_for(prompts[members[0]])
+                if len(members) == 1:
+                    out = [generate(bb, prompts[members[0]].ids, cfg)]
+                else:
+                    out = generate_batch(bb, [prompts[k].ids for k in members], cfg)
+                for k, res in zip(members, out, strict=True):
+                    results[k] = res
+                bar.update(len(members))
+    return results
 
 
 def teacher_logits(bb: Backbone, final: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:

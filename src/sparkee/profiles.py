@@ -71,10 +71,21 @@ class ModelProfile:
                 f"(it has no {REFSLM_META})"
             )
         encode = (lambda text: self.encode_text(text, fmt)) if self._can_encode() else None
-        return read_prompt_file(source, encode)
+        return read_prompt_file(source, encode, self._dialogue_encoder())
 
     def _can_encode(self) -> bool:
         return self.tokenizer is not None
+
+    def _dialogue_encoder(self):
+        return None  # only models with a chat format take dialogue histories
+
+    def encode_dialogue(self, history, text: str | None = None, speech: list[int] | None = None) -> list[int]:
+        """Prompt ids of a dialogue history (a file path, a parsed `Dialogue`, or its JSON form)
+        followed by a new question (`text` and/or speech codes), in the model's chat format."""
+        raise SparkeeError(
+            f"dialogue histories need a model with a chat format: give --preset glm-4-voice or "
+            f"step-audio-2-mini (this is {self.name})"
+        )
 
     # ---- measures --------------------------------------------------------------------------
     def measures(
@@ -145,6 +156,24 @@ class PresetProfile(ModelProfile):
         from . import models
 
         models.check_ids(self.preset, overrides.get("speech_ids"), overrides.get("stop_ids"))
+
+    def _dialogue_encoder(self):
+        return self.encode_dialogue
+
+    def encode_dialogue(self, history, text: str | None = None, speech: list[int] | None = None) -> list[int]:
+        from . import models
+
+        if self.tokenizer is None:
+            raise SparkeeError(f"multi-turn prompts need the tokenizer in '{self.model_dir}'")
+        if isinstance(history, (str, Path)):
+            d = models.load_history(history, self.name)
+        elif isinstance(history, models.Dialogue):
+            d = history
+        else:
+            d = models.parse_dialogue(history, self.name)
+        if text or speech:
+            d = d.ask(speech=speech, text=text)
+        return models.build_dialogue(self.name, d, self.tokenizer, self.model_dir)
 
 
 @dataclass
@@ -285,6 +314,8 @@ def _reference_profile(d: Path) -> ReferenceProfile:
             interleave=Interleave(int(r["text"]), int(r["speech"]), "padded", int(m["text_end_id"])),
             speech_ids=(int(m["speech_range"][0]), int(m["speech_range"][1])),
             stop_ids=[int(m["stop_id"])],
+            # unit-distance acceptance: units of one broad phonetic class count as alike (accept.py)
+            unit_distance="refslm-phone-class",
         )
     except (ValueError, KeyError, TypeError):
         raise SparkeeError(f"'{d / REFSLM_META}' is not a valid reference-model description") from None

@@ -23,6 +23,9 @@ TEXT_KEYS = ("prompt", "text")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 EncodeText = Callable[[str], list[int]]
+# a line with a dialogue history: (history as in the line, the new question's text, its speech codes)
+EncodeDialogue = Callable[[object, str | None, list[int] | None], list[int]]
+HISTORY_KEY = "history"
 
 
 @dataclass
@@ -45,9 +48,24 @@ def check_limit(limit: int | None) -> None:
         raise SparkeeError(f"--limit must be at least 1, got {limit} (leave it out to use every prompt)")
 
 
-def _from_record(rec: object, where: str, encode_text: EncodeText | None) -> PromptItem:
+def _from_record(
+    rec: object, where: str, encode_text: EncodeText | None, encode_dialogue: EncodeDialogue | None = None
+) -> PromptItem:
     if not isinstance(rec, dict):
         raise SparkeeError(f"{where} is not a JSON object with a 'prompt_ids' or 'prompt' key")
+    if HISTORY_KEY in rec:  # a multi-turn prompt: the history, then this line's question
+        if encode_dialogue is None:
+            raise SparkeeError(
+                f"{where} has a dialogue history, which needs a model with a chat format "
+                "(--preset glm-4-voice or step-audio-2-mini)"
+            )
+        text = next((str(rec[k]) for k in TEXT_KEYS if k in rec), None)
+        speech = rec.get("speech")
+        ids = encode_dialogue(rec[HISTORY_KEY], text, speech)
+        skip = {HISTORY_KEY, "speech", *TEXT_KEYS}
+        return PromptItem(
+            ids, {m: v for m, v in rec.items() if m not in skip} | ({"text": text} if text else {})
+        )
     for k in ID_KEYS:
         if k in rec:
             ids = rec[k]
@@ -91,8 +109,13 @@ def load_tokenizer(model_dir: str | Path | None):
         return None
 
 
-def read_prompt_file(source: str, encode_text: EncodeText | None) -> list[PromptItem]:
-    """Every prompt of a JSONL file or a saved `datasets` directory; empty or malformed is refused."""
+def read_prompt_file(
+    source: str, encode_text: EncodeText | None, encode_dialogue: EncodeDialogue | None = None
+) -> list[PromptItem]:
+    """Every prompt of a JSONL file or a saved `datasets` directory; empty or malformed is refused.
+
+    A line may carry a dialogue `history` (see sparkee.models.dialogue) with the new question as
+    `prompt` text and/or `speech` codes; `encode_dialogue` (the model profile's) builds its ids."""
     p = Path(source)
     if p.is_dir():
         items = _from_datasets_dir(p, encode_text)
@@ -105,7 +128,7 @@ def read_prompt_file(source: str, encode_text: EncodeText | None) -> list[Prompt
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 raise SparkeeError(f"line {n} of '{source}' is not valid JSON") from None
-            items.append(_from_record(rec, f"line {n} of '{source}'", encode_text))
+            items.append(_from_record(rec, f"line {n} of '{source}'", encode_text, encode_dialogue))
     else:
         raise SparkeeError(f"data source '{source}' is neither a file, a directory nor refslm:SPLIT")
     if not items:

@@ -68,10 +68,10 @@ def compute_stats(
     decode_tokens = max(len(steps) - 1, 0)  # the first token comes from the prefill
     accepted = sum(bool(s.accepted) for s in steps if s.action == "early")
     pred_mem = base.reads / meter.reads if meter.reads else None
-    pred_cal = None
+    pred_cal = run_t = base_t = None
     if calibration is not None and meter.reads:
-        run_t = calibration.time(meter)
-        pred_cal = calibration.time(base) / run_t if run_t > 0 else None
+        run_t, base_t = calibration.time(meter), calibration.time(base)
+        pred_cal = base_t / run_t if run_t > 0 else None
     return {
         "num_layers": num_layers,
         "new_tokens": len(steps),
@@ -92,6 +92,8 @@ def compute_stats(
         "speech_acceptance": _rate([s.accepted for s in by["speech"]]),
         "text_acceptance": _rate([s.accepted for s in by["text"]]),
         "accepted_per_refresh": accepted / trace.refreshes if trace.refreshes else None,
+        "accepted_early_steps": accepted,
+        "refreshes": trace.refreshes,
         "speech_vocab_changed": sum(bool(s.vocab_changed) for s in steps),
         "speech_vocab_checked": sum(s.vocab_changed is not None for s in steps),
         "verify_rejections": trace.rejections,
@@ -108,6 +110,9 @@ def compute_stats(
         "predicted_speedup": pred_cal if pred_cal is not None else pred_mem,
         "predicted_speedup_memory_bound": pred_mem,
         "predicted_speedup_calibrated": pred_cal,
+        # calibrated seconds of this run's decode passes, and of full-depth decoding of its tokens
+        "predicted_s": run_t,
+        "predicted_full_s": base_t,
         "cost_model": "calibrated" if pred_cal is not None else "memory-bound",
     }
 

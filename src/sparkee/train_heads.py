@@ -67,7 +67,7 @@ def check_training(
     if steps < 1:
         raise SparkeeError(f"--steps must be at least 1, got {steps}")
     if batch_size < 1:
-        raise SparkeeError(f"--batch-size must be at least 1, got {batch_size}")
+        raise SparkeeError(f"--train-batch-size must be at least 1, got {batch_size}")
     if not (math.isfinite(lr) and lr > 0):
         raise SparkeeError(f"--lr must be a positive number, got {lr}")
     if not 0 < val_fraction < 1:
@@ -239,6 +239,7 @@ def run_training(
     source_name: str = "",
     cfg_for: Callable[[PromptItem], GenerationConfig] | None = None,
     stop_after: int | None = None,
+    label_batch_size: int = 1,
 ) -> dict:
     """Label, distill, validate, save. Returns the validation metrics (also saved beside the heads).
 
@@ -268,7 +269,15 @@ def run_training(
             raise SparkeeError(
                 f"too few prompts ({len(prompts)}) for a validation split and {world} process(es)"
             )
-        return collect_labels(bb, [prompts[i] for i in idx], cfg_for, layers, indices=idx, desc=desc)
+        return collect_labels(
+            bb,
+            [prompts[i] for i in idx],
+            cfg_for,
+            layers,
+            indices=idx,
+            desc=desc,
+            batch_size=label_batch_size,
+        )
 
     # per-item configs derive from gen_cfg and the item's metadata, which the digest covers
     made_from = (bb.fingerprint(), prompts_digest(prompts), config_json(gen_cfg), layers, seed, val_fraction)

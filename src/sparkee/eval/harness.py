@@ -41,19 +41,59 @@ class Row:
     text: str
     speech: str
     pool: str | None = None  # --prefill-pool spec of this row, if any
+    accept: str | None = None  # verified mode with this acceptance rule (row suffix +verify[=RULE])
 
     @property
     def name(self) -> str:
         name = self.speech if self.text == "full" else f"{self.text}|{self.speech}"
+        if self.accept is not None:
+            name += "+verify" if self.accept == "exact" else f"+verify={self.accept}"
         return name if self.pool is None else f"{name} pool({self.pool})"
 
     @property
     def is_full(self) -> bool:
-        return self.text == "full" and self.speech == "full" and self.pool is None
+        return self.text == "full" and self.speech == "full" and self.pool is None and self.accept is None
 
     @property
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)
+
+
+VERIFY_SUFFIX = "+verify"
+
+
+def parse_row(entry: str, text_policy: str = "full", num_layers: int | None = None) -> Row:
+    """One row: `SPEECH` or `TEXT|SPEECH`, optionally ending in `+verify` (the exact rule) or
+    `+verify=RULE` (an acceptance rule, see accept.py), e.g. `spar-k:FEEE:8+verify=topk:2`."""
+    from ..accept import parse_accept
+
+    accept = None
+    if VERIFY_SUFFIX in entry:
+        entry, _, rule = entry.partition(VERIFY_SUFFIX)
+        if rule and not rule.startswith("="):
+            raise SparkeeError(f"a row ends in +verify or +verify=RULE, got '{VERIFY_SUFFIX}{rule}'")
+        accept = parse_accept(rule[1:] if rule else "exact").name
+    text, speech = entry.split("|", 1) if "|" in entry else (text_policy, entry)
+    for spec in (text, speech):
+        parse_policy(spec, num_layers)
+    return Row(text.strip(), speech.strip(), accept=accept)
+
+
+# the frontier sweep of verified SPAR-K (`eval --frontier`): patterns x exit layers x rules
+FRONTIER_PATTERNS = ("FE", "FEE", "FEEE", "FEEEEEEE", "adaptive")
+FRONTIER_RULES = ("exact", "topk:2", "typical:0.2", "unit-distance:0.5")
+
+
+def frontier_rows(
+    layers: list[int], patterns=FRONTIER_PATTERNS, rules=FRONTIER_RULES, num_layers: int | None = None
+) -> list[Row]:
+    """Verified SPAR-K rows over every (pattern, exit layer, acceptance rule), plus `full`."""
+    rows = [Row("full", "full")]
+    for layer in layers:
+        for pat in patterns:
+            for rule in rules:
+                rows.append(parse_row(f"spar-k:{pat}:{layer}+verify={rule}", "full", num_layers))
+    return rows
 
 
 def parse_rows(
@@ -66,12 +106,9 @@ def parse_rows(
     """'full,fixed:22,spar-k:even:22' (+ `TEXT|SPEECH` entries); a sweep 'A:B' repeats every
     layer-taking policy at exit layers A..B-1; `pools` (prefill-pool specs) repeat every row with
     each pooling setting. 'full' without pooling is always included (it is the baseline)."""
-    rows: list[Row] = []
-    for entry in [e.strip() for e in policies.split(",") if e.strip()]:
-        text, speech = entry.split("|", 1) if "|" in entry else (text_policy, entry)
-        for spec in (text, speech):
-            parse_policy(spec, num_layers)
-        rows.append(Row(text, speech))
+    rows: list[Row] = [
+        parse_row(e.strip(), text_policy, num_layers) for e in policies.split(",") if e.strip()
+    ]
     if sweep:
         a, b = parse_pair(sweep, "--sweep-exit-layers")
         if a >= b:
@@ -83,7 +120,7 @@ def parse_rows(
                 for layer in range(a, b):
                     spec = re.sub(r":\d+(?=(:[\d.]+)?$)", f":{layer}", r.speech, count=1)
                     parse_policy(spec, num_layers)
-                    swept.append(Row(r.text, spec))
+                    swept.append(Row(r.text, spec, accept=r.accept))
         rows = swept
     if pools:
         from ..pooling import parse_pool
@@ -92,7 +129,7 @@ def parse_rows(
             spec = parse_pool(p)
             if num_layers is not None:
                 spec.check(num_layers)
-        rows = rows + [Row(r.text, r.speech, p) for r in rows for p in pools]
+        rows = rows + [Row(r.text, r.speech, p, r.accept) for r in rows for p in pools]
     rows = list(dict.fromkeys(rows))
     if not any(r.is_full for r in rows):
         rows.insert(0, Row("full", "full"))
@@ -109,7 +146,8 @@ class EvalRun:
     measures: Measures
     out: Path
     audio_examples: int = 3
-    verify: bool = False
+    verify: bool = False  # every row verified with the exact rule (rows may name their own rule)
+    batch_size: int = 1  # examples of one row decoded together (generate_batch)
     records: list[dict] = field(default_factory=list)
 
 
@@ -191,17 +229,52 @@ def _row_config(cfg: GenerationConfig, row: Row, verify: bool) -> GenerationConf
     from ..pooling import parse_pool
 
     pool = parse_pool(row.pool) if row.pool else None
-    return replace(cfg, speech_policy=row.speech, text_policy=row.text, verify=verify, prefill_pool=pool)
+    accept = row.accept or ("exact" if verify else cfg.accept)
+    return replace(
+        cfg,
+        speech_policy=row.speech,
+        text_policy=row.text,
+        verify=verify or row.accept is not None,
+        accept=accept,
+        prefill_pool=pool,
+    )
 
 
 def evaluate_one(run: EvalRun, row: Row, i: int, item: PromptItem) -> dict:
-    m, meta = run.measures, item.meta
-    cfg = _row_config(run.cfg_for(item), row, run.verify)
+    return evaluate_batch(run, row, [(i, item)])[0]
+
+
+def evaluate_batch(run: EvalRun, row: Row, items: list[tuple[int, PromptItem]]) -> list[dict]:
+    """Decode examples of one row together (one batch when they share a config) and measure them.
+
+    Times are shared out: each example is charged its batch's decode and wall time divided by the
+    batch's size (alone, that is its own time)."""
+    from ..generate import generate_batch
+
+    cfg = _row_config(run.cfg_for(items[0][1]), row, run.verify)
     t0 = time.perf_counter()
-    res = generate(run.bb, item.ids, cfg, heads=run.heads)
-    wall = time.perf_counter() - t0
+    if len(items) == 1:
+        results = [generate(run.bb, items[0][1].ids, cfg, heads=run.heads)]
+    else:
+        results = generate_batch(run.bb, [item.ids for _, item in items], cfg, heads=run.heads)
+    wall = (time.perf_counter() - t0) / len(items)
+    return [
+        _record(run, row, i, item, res, cfg, wall, len(items))
+        for (i, item), res in zip(items, results, strict=True)
+    ]
+
+
+def _record(
+    run: EvalRun, row: Row, i: int, item: PromptItem, res, cfg: GenerationConfig, wall: float, batch: int
+) -> dict:
+    from .scoring import unit_runs
+
+    m, meta = run.measures, item.meta
     text = m.text_of(res.tokens)
     speech_ids = m.speech_of(res.tokens)
+    stats = {k: res.stats.get(k) for k in STAT_KEYS}
+    for k in ("decode_s", "prefill_s"):  # a batch's times, shared by its examples
+        stats[k] = res.stats[k] / batch
     rec = {
         "key": _key(row, i),
         "row": row.name,
@@ -212,8 +285,10 @@ def evaluate_one(run: EvalRun, row: Row, i: int, item: PromptItem) -> dict:
         "modalities": ["s" if x == "speech" else "t" for x in res.modalities],
         "exit_layers": res.exit_layers,
         "text": text,
+        "speech_runs": unit_runs(speech_ids),
         "wall_s": wall,
-        "stats": {k: res.stats[k] for k in STAT_KEYS},
+        "batch": batch,
+        "stats": stats,
     }
     question = meta.get("question", "")
     rec["text_ok"] = verdict(m.judge, question, text, meta)
@@ -228,6 +303,27 @@ def evaluate_one(run: EvalRun, row: Row, i: int, item: PromptItem) -> dict:
             rec["audio" if keep else "pending_wav"] = str(Path(wav).relative_to(run.out))
             rec["audio_pending"] = measures_audio
     return rec
+
+
+def _batches(run: EvalRun, todo: list[tuple[int, PromptItem, Row]]) -> list[tuple[Row, list]]:
+    """Work units in round-robin order: chunks of `batch_size` examples, each chunk through every
+    row; inside a unit, examples share a decoding config (a prompt may fix its own format)."""
+    by_chunk: dict[tuple[int, Row], list] = {}
+    order: list[tuple[int, Row]] = []
+    for i, item, row in todo:
+        k = (i // run.batch_size, row)
+        if k not in by_chunk:
+            by_chunk[k] = []
+            order.append(k)
+        by_chunk[k].append((i, item))
+    units = []
+    for k in order:
+        groups: dict[str, list] = {}
+        for i, item in by_chunk[k]:
+            cfg = run.cfg_for(item)
+            groups.setdefault(repr(cfg.interleave), []).append((i, item))
+        units += [(k[1], g) for g in groups.values()]
+    return units
 
 
 def audio_measures(run: EvalRun, rec: dict, item: PromptItem) -> dict:
@@ -257,6 +353,15 @@ STAT_KEYS = (
     "avg_exit_layer_speech",
     "speech_agreement",
     "text_agreement",
+    "speech_acceptance",
+    "text_acceptance",
+    "early_speech_steps",
+    "accepted_early_steps",
+    "refreshes",
+    "verify_wasted_steps",
+    "misplanned_steps",
+    "predicted_s",
+    "predicted_full_s",
     "flops",
     "flops_full_estimate",
     "weight_reads",
@@ -289,20 +394,28 @@ def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
         for row in run.rows
         if _key(row, i) not in done or "error" in done[_key(row, i)]
     ]
-    with path.open("a") as f:
-        for i, item, row in tqdm(todo, desc="eval", disable=not progress, unit="run"):
+    with path.open("a") as f, tqdm(total=len(todo), desc="eval", disable=not progress, unit="run") as bar:
+        for row, items in _batches(run, todo):
             try:
-                rec = evaluate_one(run, row, i, item)
+                recs = evaluate_batch(run, row, items)
             except Exception as e:  # noqa: BLE001 - one bad example must not end a long run
-                rec = {
-                    "key": _key(row, i),
-                    "row": row.name,
-                    "example": i,
-                    "error": f"{type(e).__name__}: {e}",
-                }
-            f.write(json.dumps(rec) + "\n")
+                if len(items) == 1:
+                    i = items[0][0]
+                    recs = [
+                        {
+                            "key": _key(row, i),
+                            "row": row.name,
+                            "example": i,
+                            "error": f"{type(e).__name__}: {e}",
+                        }
+                    ]
+                else:  # find which example of the batch fails: decode them alone
+                    recs = [_one_or_error(run, row, i, item) for i, item in items]
+            for rec in recs:
+                f.write(json.dumps(rec) + "\n")
+                done[rec["key"]] = rec
             f.flush()
-            done[rec["key"]] = rec
+            bar.update(len(items))
         pending = [k for k, r in done.items() if r.get("audio_pending") and "error" not in r]
         for key in tqdm(pending, desc="audio measures", disable=not progress or not pending, unit="clip"):
             rec = done[key]
@@ -315,6 +428,14 @@ def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
             done[key] = rec
     run.records = [done[_key(r, i)] for i in range(len(run.prompts)) for r in run.rows if _key(r, i) in done]
     return run.records
+
+
+def _one_or_error(run: EvalRun, row: Row, i: int, item: PromptItem) -> dict:
+    """An example decoded alone (after its batch failed), or the record of its error."""
+    try:
+        return evaluate_one(run, row, i, item)
+    except Exception as e:  # noqa: BLE001
+        return {"key": _key(row, i), "row": row.name, "example": i, "error": f"{type(e).__name__}: {e}"}
 
 
 def failures(records: list[dict], rows: list[Row]) -> tuple[list[dict], list[str]]:
@@ -340,9 +461,12 @@ def _speech_early_steps(rec: dict, num_layers: int) -> int:
 
 def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dict]:
     """One line per row in the shape of the paper's Table 2 (accuracies and WER as fractions)."""
+    from .scoring import duration_drift
+
     ok = [r for r in records if "error" not in r]
     full = next((r for r in rows if r.is_full), None)
-    full_wall = {r["example"]: r["wall_s"] for r in ok if full and r["row"] == full.name}
+    full_recs = {r["example"]: r for r in ok if full and r["row"] == full.name}
+    full_wall = {i: r["stats"]["decode_s"] for i, r in full_recs.items()}
     full_prefill = [r["stats"]["prefill_flops"] for r in ok if full and r["row"] == full.name]
     base_prefill = sum(full_prefill) / len(full_prefill) if full_prefill else None
     out = []
@@ -371,6 +495,30 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
             else None
         )
         shared = [r for r in rs if r["example"] in full_wall]
+        # speed: decode time (the same prefill is reported apart, as TTFT); prediction: calibrated
+        # seconds of the passes each example ran, against the full row's, on the same examples
+        measured = (
+            sum(full_wall[r["example"]] for r in shared) / sum(r["stats"]["decode_s"] for r in shared)
+            if shared and sum(r["stats"]["decode_s"] for r in shared) > 0
+            else None
+        )
+        pred_run = [r["stats"].get("predicted_s") for r in shared]
+        pred_full = [full_recs[r["example"]]["stats"].get("predicted_s") for r in shared]
+        predicted = (
+            sum(pred_full) / sum(pred_run)
+            if shared and None not in pred_run and None not in pred_full and sum(pred_run) > 0
+            else None
+        )
+        drift = [
+            duration_drift(r.get("speech_runs"), full_recs[r["example"]].get("speech_runs")) for r in shared
+        ]
+        drift = [d for d in drift if d is not None]
+        early_speech = sum(r["stats"].get("early_speech_steps") or 0 for r in rs)
+        accepted_speech = sum(
+            (r["stats"].get("speech_acceptance") or 0) * (r["stats"].get("early_speech_steps") or 0)
+            for r in rs
+        )
+        refreshes = sum(r["stats"].get("refreshes") or 0 for r in rs)
         flops = sum(r["stats"]["flops"] for r in rs)
         flops_full = sum(r["stats"]["flops_full_estimate"] for r in rs)
         reads = sum(r["stats"]["weight_reads"] for r in rs)
@@ -392,14 +540,30 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
             if depth["speech"] is None
             else 100 * (1 - depth["speech"] / num_layers),
             "flops_reduction_pct": 100 * (1 - flops / flops_full) if flops_full else None,
-            "predicted_speedup": reads_full / reads if reads else None,
-            "speedup": (
-                sum(full_wall[r["example"]] for r in shared) / sum(r["wall_s"] for r in shared)
+            "predicted_speedup": predicted
+            if predicted is not None
+            else (reads_full / reads if reads else None),
+            "predicted_speedup_memory_bound": reads_full / reads if reads else None,
+            "speedup": measured,
+            "measured_over_predicted": measured / predicted if measured and predicted else None,
+            "speedup_wall": (
+                sum(full_recs[r["example"]]["wall_s"] for r in shared) / sum(r["wall_s"] for r in shared)
                 if shared
                 else None
             ),
             "speech_agreement": agree,
+            "speech_acceptance": accepted_speech / early_speech if early_speech else None,
+            "accepted_per_refresh": (
+                sum(r["stats"].get("accepted_early_steps") or 0 for r in rs) / refreshes
+                if refreshes
+                else None
+            ),
             "verify_rejections": sum(r["stats"]["verify_rejections"] for r in rs),
+            "rejected_steps": sum(r["stats"].get("verify_wasted_steps") or 0 for r in rs),
+            "misplanned_steps": sum(r["stats"].get("misplanned_steps") or 0 for r in rs),
+            "speech_frames": mean([sum(n for _, n in r.get("speech_runs") or []) for r in rs]),
+            "speech_frames_drift": mean([d["frames"] for d in drift]),
+            "unit_duration_drift": mean([d["durations"] for d in drift if d["durations"] is not None]),
             "mean_new_tokens": mean([len(r["tokens"]) for r in rs]),
             "pool": row.pool,
             "prefill_flops": mean([r["stats"]["prefill_flops"] for r in rs]),

@@ -20,8 +20,14 @@ COLUMNS = [
     ("speech_depth_reduction_pct", "speech depth red. %", "f1"),
     ("flops_reduction_pct", "FLOPs red. %", "f1"),
     ("speech_agreement", "early-token agreement %", "pct"),
+    ("speech_acceptance", "speech acceptance %", "pct"),
+    ("accepted_per_refresh", "accepted per refresh", "f2"),
+    ("rejected_steps", "rejected steps", "int"),
+    ("speech_frames_drift", "length drift (frames)", "f1"),
+    ("unit_duration_drift", "unit duration drift (frames)", "f2"),
     ("predicted_speedup", "predicted speed-up", "f2"),
     ("speedup", "measured speed-up", "f2"),
+    ("measured_over_predicted", "measured / predicted", "f2"),
     ("prefill_flops_reduction_pct", "prefill FLOPs red. %", "f1"),
     ("kv_bytes", "KV bytes", "int"),
     ("ttft_s", "TTFT s", "f3"),
@@ -49,8 +55,20 @@ def _columns(summary: list[dict]) -> list[tuple]:
     # drop columns no row has a value for (no MOS plug-in, no ASR plug-in), except the scores,
     # which say "n/a"; prefill columns only matter when some row pools the prompt
     pooled = any(s.get("pool") for s in summary)
+    verified = any("+verify" in s["policy"] for s in summary)
     keep = [c for c in COLUMNS if c[2] == "score" or any(s.get(c[0]) is not None for s in summary)]
-    return [c for c in keep if pooled or c[0] not in ("prefill_flops_reduction_pct", "kv_bytes", "ttft_s")]
+    keep = [c for c in keep if pooled or c[0] not in ("prefill_flops_reduction_pct", "kv_bytes", "ttft_s")]
+    # acceptance and timing drift matter when rows verify with tolerant rules
+    return [c for c in keep if verified or c[0] not in VERIFY_COLUMNS]
+
+
+VERIFY_COLUMNS = (
+    "speech_acceptance",
+    "accepted_per_refresh",
+    "rejected_steps",
+    "speech_frames_drift",
+    "unit_duration_drift",
+)
 
 
 def markdown_table(summary: list[dict]) -> str:
@@ -113,6 +131,63 @@ def plot_quality(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def pareto_front(points: list[tuple[float, float]], higher_y_is_better: bool = True) -> list[int]:
+    """Indices of the points no other point beats on both axes (x = speed-up, higher is better)."""
+    sign = 1 if higher_y_is_better else -1
+    front = []
+    for i, (x, y) in enumerate(points):
+        beaten = any(
+            (x2 >= x and sign * y2 >= sign * y) and (x2 > x or sign * y2 > sign * y)
+            for j, (x2, y2) in enumerate(points)
+            if j != i
+        )
+        if not beaten:
+            front.append(i)
+    return front
+
+
+def plot_frontier(summary: list[dict], path: Path) -> bool:
+    """Measured speed-up against speech accuracy and alignment WER, Pareto front marked; False
+    when there is nothing to plot (no measured speed-ups)."""
+    rows = [s for s in summary if s.get("speedup") is not None]
+    if len(rows) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key, better_high, label in (
+        (axes[0], "accuracy_speech", True, "speech QA accuracy (%)"),
+        (axes[1], "wer", False, "alignment WER (%)"),
+    ):
+        pts = [(s["speedup"], 100 * s[key]) for s in rows if s.get(key) is not None]
+        names = [s["policy"] for s in rows if s.get(key) is not None]
+        if not pts:
+            continue
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color="tab:gray", alpha=0.7)
+        front = sorted(pareto_front(pts, better_high), key=lambda i: pts[i][0])
+        ax.plot(
+            [pts[i][0] for i in front],
+            [pts[i][1] for i in front],
+            "-o",
+            color="tab:red",
+            ms=4,
+            label="Pareto front",
+        )
+        for i in front:
+            ax.annotate(names[i], pts[i], fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("measured speed-up over full depth (decode wall-clock)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_timeline(records: list[dict], example: int, path: Path, num_layers: int) -> None:
     import matplotlib
 
@@ -172,6 +247,7 @@ def write_html(summary: list[dict], records: list[dict], out: Path, title: str, 
         f'<figure><img src="{_data_uri(out / name, "image/png")}" alt="{name}"><figcaption>{cap}</figcaption></figure>'
         for name, cap in (
             ("quality_vs_depth.png", "QA accuracy and alignment WER against speech depth reduction"),
+            ("frontier.png", "speed-quality frontier: measured speed-up against accuracy and WER"),
             ("timeline.png", "exit layer per step for one example"),
         )
         if (out / name).is_file()
@@ -208,6 +284,8 @@ def write_report(
 ) -> None:
     write_tables(summary, out)
     plot_quality(summary, out / "quality_vs_depth.png")
+    if any("+verify" in s["policy"] for s in summary):
+        plot_frontier(summary, out / "frontier.png")
     first = min((r["example"] for r in records if "error" not in r), default=None)
     if first is not None:
         plot_timeline(records, first, out / "timeline.png", num_layers)

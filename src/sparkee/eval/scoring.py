@@ -38,3 +38,35 @@ def wer(refs: Sequence[str], hyps: Sequence[str]) -> float | None:
     if not pairs:
         return None
     return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
+
+
+# ---------------------------------------------------------------------------------------------
+# timing drift: a rule that only changes how long a unit lasts keeps the transcript
+
+
+def unit_runs(speech_ids: Sequence[int]) -> list[list[int]]:
+    """Speech tokens collapsed into [unit, frames] runs (repeated tokens make one unit)."""
+    runs: list[list[int]] = []
+    for t in speech_ids:
+        if runs and runs[-1][0] == t:
+            runs[-1][1] += 1
+        else:
+            runs.append([int(t), 1])
+    return runs
+
+
+def duration_drift(runs: Sequence | None, ref: Sequence | None) -> dict | None:
+    """How a speech answer's timing differs from a reference answer's (the full row's):
+    `frames`, the absolute difference in length (frames), and `durations`, the mean absolute
+    difference of per-unit durations over the units the two collapsed sequences have in common
+    (aligned with difflib; None when they share none)."""
+    if runs is None or ref is None:
+        return None
+    import difflib
+
+    a, b = [u for u, _ in runs], [u for u, _ in ref]
+    frames = abs(sum(n for _, n in runs) - sum(n for _, n in ref))
+    diffs = []
+    for blk in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_matching_blocks():
+        diffs += [abs(runs[blk.a + k][1] - ref[blk.b + k][1]) for k in range(blk.size)]
+    return {"frames": frames, "durations": sum(diffs) / len(diffs) if diffs else None}

@@ -1,0 +1,231 @@
+"""The engine's command-line surface: acceptance rules, batches, calibration, verified eval rows,
+the frontier grid, dialogue histories; every bad value exits 2 with one sentence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from sparkee.cli import app
+from sparkee.errors import SparkeeError
+from sparkee.eval.harness import Row, frontier_rows, parse_rows
+
+runner = CliRunner()
+DECODE = ["--interleave", "2:4", "--speech-ids", "40:80", "--max-new-tokens", "14", "--stop-ids", "1"]
+
+
+def gen(qwen_dir, *args):
+    return runner.invoke(app, ["generate", "--model", str(qwen_dir), *DECODE, *args])
+
+
+def test_generate_accept_rule_and_repetition_penalty(qwen_dir):
+    base = ["--prompt-ids", "5,7,9", "--speech-policy", "spar-k:FEE:2", "--json"]
+    exact = json.loads(gen(qwen_dir, *base, "--verify").stdout)
+    full = json.loads(gen(qwen_dir, "--prompt-ids", "5,7,9", "--json").stdout)
+    assert exact["tokens"] == full["tokens"]  # verified with the exact rule: lossless
+    everything = json.loads(gen(qwen_dir, *base, "--verify", "--accept", "topk:96").stdout)
+    unverified = json.loads(gen(qwen_dir, *base).stdout)
+    assert everything["tokens"] == unverified["tokens"]
+    assert everything["stats"]["speech_acceptance"] == 1.0
+    pen = json.loads(gen(qwen_dir, "--prompt-ids", "5,7,9", "--repetition-penalty", "1.5", "--json").stdout)
+    assert pen["tokens"] != full["tokens"]
+
+
+def test_generate_prompts_file_batches_one_line_per_prompt(qwen_dir, tmp_path):
+    f = tmp_path / "p.jsonl"
+    prompts = [[5, 7, 9], [1, 2, 3, 4, 5], [42]]
+    f.write_text("".join(json.dumps({"prompt_ids": p, "id": f"q{n}"}) + "\n" for n, p in enumerate(prompts)))
+    res = gen(
+        qwen_dir, "--prompts-file", str(f), "--batch-size", "2", "--speech-policy", "spar-k:even:3", "--json"
+    )
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [x["index"] for x in lines] == [0, 1, 2] and [x["id"] for x in lines] == ["q0", "q1", "q2"]
+    for p, line in zip(prompts, lines, strict=True):
+        alone = json.loads(
+            gen(
+                qwen_dir, "--prompt-ids", ",".join(map(str, p)), "--speech-policy", "spar-k:even:3", "--json"
+            ).stdout
+        )
+        assert line["tokens"] == alone["tokens"]
+    assert lines[0]["stats"]["batch_size"] == 2 and "batch_tokens_per_s" in lines[0]["stats"]
+    text = gen(qwen_dir, "--prompts-file", str(f), "--batch-size", "3")
+    assert text.exit_code == 0 and text.stdout.count("[") >= 3 and "batch of 3" in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt-ids", "1", "--accept", "topk:0"], "K >= 1"),
+        (["--prompt-ids", "1", "--accept", "sometimes"], "unknown acceptance rule"),
+        (["--prompt-ids", "1", "--repetition-penalty", "0"], "positive"),
+        (["--prompt-ids", "1", "--repetition-penalty", "nan"], "finite"),
+        (["--prompt-ids", "1", "--batch-size", "2"], "--prompts-file"),
+        (["--prompt-ids", "1", "--batch-size", "0"], "at least 1"),
+        (["--prompt-ids", "1", "--prompts-file", "x.jsonl"], "exactly one"),
+        (["--prompt-ids", "1", "--verify", "--accept", "unit-distance:0.5"], "distance plug-in"),
+        (
+            ["--prompt-ids", "1", "--unit-distance", "nowhere:thing", "--accept", "unit-distance:1"],
+            "cannot import",
+        ),
+        (["--prompt", "hello", "--history", "h.json"], "chat format"),
+        (["--prompt-ids", "1", "--speech-policy", "spar-k:adaptive:2:0"], "KMAX >= 1"),
+        (["--prompt-ids", "1", "--device", "cuda"], "CUDA"),
+        (["--prompt-ids", "1", "--device", "tpu9"], "unknown device"),
+    ],
+)
+def test_bad_engine_options_exit_2_with_one_sentence(qwen_dir, tmp_path, args, message):
+    if "--history" in args:
+        (tmp_path / "h.json").write_text(json.dumps([{"role": "user", "text": "hi"}]))
+        args = [a if a != "h.json" else str(tmp_path / "h.json") for a in args]
+    res = gen(qwen_dir, *args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_calibrate_command_measures_caches_and_prints(qwen_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKEE_CACHE", str(tmp_path / "cache"))
+    res = runner.invoke(app, ["calibrate", "--model", str(qwen_dir)])
+    assert res.exit_code == 0, res.output
+    assert "layer passes" in res.output and "predicted speed-up" in res.output
+    files = list((tmp_path / "cache" / "calibration").glob("*.json"))
+    assert len(files) == 1
+    again = runner.invoke(app, ["calibrate", "--model", str(qwen_dir), "--json"])
+    assert json.loads(again.stdout)["key"] == json.loads(files[0].read_text())["key"]
+    forced = runner.invoke(app, ["calibrate", "--model", str(qwen_dir), "--force"])
+    assert forced.exit_code == 0 and "measuring decode costs" in forced.output
+
+
+def test_rows_carry_their_acceptance_rule():
+    rows = parse_rows("spar-k:FEEE:3+verify=topk:2,spar-k:even:3+verify,spar-k:even:3", num_layers=6)
+    assert [r.name for r in rows] == [
+        "full",
+        "spar-k:FEEE:3+verify=topk:2",
+        "spar-k:even:3+verify",
+        "spar-k:even:3",
+    ]
+    assert rows[1].accept == "topk:2" and rows[2].accept == "exact" and rows[3].accept is None
+    assert not Row("full", "full", accept="exact").is_full
+    with pytest.raises(SparkeeError, match="unknown acceptance rule"):
+        parse_rows("spar-k:even:3+verify=maybe", num_layers=6)
+    with pytest.raises(SparkeeError, match=r"\+verify=RULE"):
+        parse_rows("spar-k:even:3+verifyx", num_layers=6)
+    grid = frontier_rows([2, 4], num_layers=6)
+    assert len(grid) == 1 + 2 * 5 * 4 and grid[0].is_full
+    assert {r.accept for r in grid[1:]} == {"exact", "topk:2", "typical:0.2", "unit-distance:0.5"}
+
+
+def eval_args(qwen_dir, data, out, *extra):
+    plugins = [
+        "--transcriber",
+        "eval_plugins:id_transcriber",
+        "--vocoder",
+        "none",
+        "--unit-distance",
+        "eval_plugins:close_ids",
+    ]
+    return [
+        "eval",
+        "--model",
+        str(qwen_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *DECODE,
+        *plugins,
+        *extra,
+    ]
+
+
+@pytest.fixture
+def data(tmp_path):
+    p = tmp_path / "qa.jsonl"
+    rows = [
+        {"prompt_ids": [5, 6, 7], "question": "q1", "accepted": ["s45"]},
+        {"prompt_ids": [1, 2, 3, 4], "question": "q2", "accepted": ["nothing"]},
+        {"prompt_ids": [10, 20], "question": "q3", "accepted": ["s50"]},
+        {"prompt_ids": [11, 12, 13, 14, 15, 16], "question": "q4", "accepted": ["s51"]},
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_eval_verified_rows_batches_and_timing_drift(qwen_dir, data, tmp_path):
+    pol = "full,spar-k:FEEE:2,spar-k:FEEE:2+verify,spar-k:FEEE:2+verify=topk:3,spar-k:adaptive:2+verify=unit-distance:0"
+    one = runner.invoke(app, eval_args(qwen_dir, data, tmp_path / "b1", "--policies", pol))
+    assert one.exit_code == 0, one.output
+    four = runner.invoke(
+        app, eval_args(qwen_dir, data, tmp_path / "b4", "--policies", pol, "--batch-size", "4")
+    )
+    assert four.exit_code == 0, four.output
+    s1 = {s["policy"]: s for s in json.loads((tmp_path / "b1" / "summary.json").read_text())}
+    s4 = {s["policy"]: s for s in json.loads((tmp_path / "b4" / "summary.json").read_text())}
+    timing = {"speedup", "speedup_wall", "measured_over_predicted", "ttft_s", "predicted_speedup"}
+    for name in s1:  # batching changes timings only
+        assert {k: v for k, v in s1[name].items() if k not in timing} == {
+            k: v for k, v in s4[name].items() if k not in timing
+        }
+    recs = [json.loads(x) for x in (tmp_path / "b4" / "results.jsonl").read_text().splitlines()]
+    assert {r["batch"] for r in recs} == {4}
+    exact = s1["spar-k:FEEE:2+verify"]
+    assert exact["accuracy_speech"] == s1["full"]["accuracy_speech"] and exact["speech_frames_drift"] == 0
+    assert exact["unit_duration_drift"] in (0, None)
+    tolerant = s1["spar-k:FEEE:2+verify=topk:3"]
+    assert tolerant["speech_acceptance"] >= exact["speech_acceptance"]
+    assert tolerant["rejected_steps"] <= exact["rejected_steps"]
+    assert exact["accepted_per_refresh"] is not None
+    table = (tmp_path / "b1" / "table.md").read_text()
+    assert "speech acceptance %" in table and "length drift (frames)" in table
+    assert (tmp_path / "b1" / "frontier.png").is_file()
+
+
+def test_eval_frontier_grid_and_its_errors(qwen_dir, data, tmp_path):
+    out = tmp_path / "fr"
+    res = runner.invoke(
+        app, eval_args(qwen_dir, data, out, "--frontier", "--frontier-layers", "3", "--limit", "1")
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 1 + 5 * 4
+    assert (out / "frontier.png").is_file()
+    bad = runner.invoke(app, eval_args(qwen_dir, data, out, "--frontier", "--policies", "full"))
+    assert bad.exit_code == 2 and "leave out --policies" in bad.output
+    bad = runner.invoke(
+        app, eval_args(qwen_dir, data, tmp_path / "x", "--frontier", "--frontier-layers", "9")
+    )
+    assert bad.exit_code == 2 and "out of range" in bad.output
+
+
+def test_demo_batch_size_gives_the_same_table(tmp_path):
+    a = runner.invoke(app, ["demo", "--limit", "3", "--out", str(tmp_path / "a"), "--audio-examples", "0"])
+    b = runner.invoke(
+        app,
+        ["demo", "--limit", "3", "--out", str(tmp_path / "b"), "--audio-examples", "0", "--batch-size", "3"],
+    )
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    timing = {"speedup", "speedup_wall", "measured_over_predicted", "ttft_s", "predicted_speedup"}
+    sa = json.loads((tmp_path / "a" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert [{k: v for k, v in s.items() if k not in timing} for s in sa] == [
+        {k: v for k, v in s.items() if k not in timing} for s in sb
+    ]
+
+
+def test_train_heads_label_batches_give_the_same_labels(qwen_dir, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt_ids": [k, k + 1, k + 2]}) + "\n" for k in range(3, 30, 3)))
+    outs = []
+    for bs in ("1", "4"):
+        out = tmp_path / f"h{bs}.safetensors"
+        res = runner.invoke(
+            app,
+            ["train-heads", "--model", str(qwen_dir), "--data", str(f), "--layers", "2,4", "--out", str(out),
+             "--steps", "3", "--train-batch-size", "16", "--batch-size", bs, *DECODE],
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        outs.append(json.loads(out.with_name(out.stem + ".metrics.json").read_text()))
+    assert outs[0]["heads"] == outs[1]["heads"]
