@@ -334,13 +334,22 @@ class _Run:
     def run_layers(self, carry: _Carry, layers: range, prefill: bool = False) -> _Carry:
         """Run `layers` over the carry; a row's positions missing a layer join the pass there."""
         i, end = layers.start, layers.stop
+        lens, shift = self.cache.lens, self.cache.shift
         while i < end:
             carry = self._join(carry, i)
-            # a block: consecutive layers where nobody joins and the cache layout stays the same
+            # a block: the layers after i that hold what layer i holds (same length and position
+            # shift for every row): nobody joins there and one mask serves them all. Lengths never
+            # grow with depth, so the block ends where some row's length drops.
             j = i + 1
-            key = self._layout(carry, i)
-            while j < end and self._layout(carry, j) == key and not self._joins(carry, j):
-                j += 1
+            if len(carry.rows) == 1:
+                b = carry.rows[0]
+                n, sh = lens[i][b], shift[i][b]
+                while j < end and lens[j][b] == n and shift[j][b] == sh:
+                    j += 1
+            else:
+                key = [(lens[i][b], shift[i][b]) for b in carry.rows]
+                while j < end and [(lens[j][b], shift[j][b]) for b in carry.rows] == key:
+                    j += 1
             if carry.h.shape[1] > 0:
                 carry = self._block(carry, i, j, prefill)
             i = j
@@ -348,9 +357,6 @@ class _Run:
 
     def _joins(self, carry: _Carry, i: int) -> bool:
         return any(self.cache.next_position(i, b) < s for b, s in zip(carry.rows, carry.start, strict=True))
-
-    def _layout(self, carry: _Carry, i: int) -> tuple:
-        return tuple(self.cache.shift[i][b] for b in carry.rows)
 
     def _join(self, carry: _Carry, i: int) -> _Carry:
         if not self._joins(carry, i):
@@ -452,6 +458,9 @@ class _Run:
         return None, bb.project(hn, plan.speech_set).float()
 
     def _meter_matrix(self, elements: int, rows: list[int], n: int, kind: str) -> None:
+        if len(self.traces) == 1:  # one sequence: its own meter says it all
+            self.meters[0].matrix(elements, n, kind)
+            return
         per = {}
         for r in rows:
             per[r] = per.get(r, 0) + 1

@@ -9,7 +9,7 @@ or control), so that the `auto` format can follow what the model actually emits.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 from .errors import SparkeeError
@@ -229,15 +229,7 @@ def advance(
         elif modality == "speech" and kind == "text" and il.text > 0:
             # this step was the first text slot of a cycle, so the next one is slot 2
             ended, padding, steps = False, False, 1
-    return replace(
-        st,
-        steps=steps,
-        text_ended=ended,
-        padding=padding,
-        last_modality=modality,
-        run_length=run,
-        since_full=since,
-    )
+    return TrackerState(steps, ended, padding, modality, run, since)  # (every step: no replace())
 
 
 def misplanned(modality: str, kind: TokenKind | None) -> bool:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import ASSET_DIR  # the one asset directory constant
 from .vocab import ASSISTANT, BOS, USER, RefVocab
 
-ASSET_DIR = Path(__file__).parent / "assets"
 DATA_DIR = ASSET_DIR / "data"
 FORMATS = ("padded", "early-stop")
 DEFAULT_RATIO = (2, 12)  # 2 text words : 12 speech frames per cycle

@@ -150,9 +150,9 @@ def generate_answers(model, vocab, examples, fmt, batch_size: int = 32, max_new_
 
 
 def score_outputs(outputs, examples, vocab, lexicon=None) -> dict:
-    """Text accuracy, speech-transcript accuracy (lexicon decoder) and alignment WER."""
-    import jiwer
-
+    """Text accuracy, speech-transcript accuracy (lexicon decoder) and alignment WER (the one
+    scorer's rule, eval/scoring.py: answers without text are left out of the WER)."""
+    from ..eval.scoring import wer as alignment_wer
     from .lexicon import LexiconDecoder
 
     dec = LexiconDecoder(vocab, lexicon or load_lexicon())
@@ -165,7 +165,7 @@ def score_outputs(outputs, examples, vocab, lexicon=None) -> dict:
         text_ok += t_ok
         speech_ok += s_ok
         stopped += bool(seq) and seq[-1] == vocab.eos_id
-        refs.append(text if text.strip() else "<empty>")
+        refs.append(text)
         hyps.append(speech)
         rows.append(
             {
@@ -178,7 +178,7 @@ def score_outputs(outputs, examples, vocab, lexicon=None) -> dict:
             }
         )
     n = max(1, len(examples))
-    wer = float(jiwer.wer(refs, hyps)) if examples else 0.0
+    wer = alignment_wer(refs, hyps) if examples else None
     by_cat: dict[str, list[int]] = {}
     for r in rows:
         c = by_cat.setdefault(r["category"], [0, 0])
@@ -478,6 +478,6 @@ def train(
     for split in ("dev", "test_after_training_report_only"):
         for fmt, r in report.get(split, {}).items():
             print(
-                f"{split} {fmt}: text {r['text_acc']:.3f} speech {r['speech_acc']:.3f} wer {r['alignment_wer']:.3f}"
+                f"{split} {fmt}: text {r['text_acc']:.3f} speech {r['speech_acc']:.3f} wer {'n/a' if r['alignment_wer'] is None else format(r['alignment_wer'], '.3f')}"
             )
     return report
