@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 # rows of a layer pass that are measured; others interpolated (a fixed-exit flush can be long)
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
@@ -85,8 +85,8 @@ class CostMeter:
         self.passes[kind] += 1
         self.mats[(elements, rows)] += 1
 
-    def step(self, kind: str) -> None:
-        self.steps[kind] += 1
+    def step(self, kind: str, n: int = 1) -> None:
+        self.steps[kind] += n
 
     def full_step_reads(self, ctx_end: int) -> float:
         """Weight reads of one plain full-depth decode step at context `ctx_end`."""
@@ -307,19 +307,23 @@ def _sync(bb) -> None:
         torch.cuda.synchronize()
 
 
-def calibrate(bb, progress: bool = True, rows: tuple[int, ...] = ROWS, budget_s: float = 12.0) -> Calibration:
+def calibrate(bb, progress: bool = True, rows: tuple[int, ...] = ROWS, budget_s: float = 20.0) -> Calibration:
     """Measure this machine's costs for `bb` through the engine's own code paths (see module doc).
 
     Every measured point (a pass over all layers for each context and row count, each matrix
-    product) is timed once per round, and rounds repeat until about `budget_s` seconds are spent
-    (at least 5, at most 41): drift in machine speed then hits every point alike, and medians
-    over rounds keep one slow call from moving a point.
+    product, and three short real generations for the step overheads) is timed once per round,
+    and rounds repeat until about `budget_s` seconds are spent (at least 5, at most 41): drift in
+    machine speed then hits every point alike, and medians over rounds keep one slow call from
+    moving a point. The overheads are what the generations took beyond the passes the table
+    predicts for them, with both measured in the same rounds.
     """
     from tqdm.auto import tqdm
 
     from .cache import LayeredKVCache
-    from .generate import context_limit
+    from .generate import GenerationConfig, context_limit, generate
+    from .heads import ExitHeads
     from .kernels import fast_linear
+    from .schedule import Interleave
 
     N, H, V = bb.num_layers, bb.hidden_size, bb.vocab_size
     limit = context_limit(bb) or 4096
@@ -377,75 +381,65 @@ def calibrate(bb, progress: bool = True, rows: tuple[int, ...] = ROWS, budget_s:
                     _sync(bb)
 
                 points[("mat", el, r)] = prod
+    # short real generations, all speech: plain full steps; one and three early steps per refresh
+    heads = ExitHeads(bb, "logit-lens")
+    prompt = torch.randint(0, V, (16,), generator=gen).tolist()
+    L = max(1, N // 2)
+    runs: dict[str, object] = {}
+    for name, policy in (("full", "full"), ("even", f"spar-k:FE:{L}"), ("feee", f"spar-k:FEEE:{L}")):
+        cfg = GenerationConfig(
+            max_new_tokens=17, speech_policy=policy, interleave=Interleave(0, 1), calibrate=False
+        )
+        runs[name] = lambda cfg=cfg: generate(bb, prompt, cfg, heads=heads)
+    with torch.inference_mode():
         for fn in points.values():  # warm-up: allocator, thread pool, packed weights
             fn()
+        for fn in runs.values():
+            fn()
         t0 = time.perf_counter()
-        for fn in points.values():
+        for fn in (*points.values(), *runs.values()):
             fn()
         per_round = time.perf_counter() - t0
         rounds = int(min(41, max(5, budget_s / max(per_round, 1e-6))))
         samples: dict[tuple, list[float]] = {p: [] for p in points}
+        gens: dict[str, list] = {k: [] for k in runs}
         for _ in tqdm(range(rounds), desc="calibrating", disable=not progress, leave=False, file=sys.stderr):
             for p, fn in points.items():
                 t = time.perf_counter()
                 fn()
                 samples[p].append(time.perf_counter() - t)
-        med = {p: statistics.median(v) for p, v in samples.items()}
-        c0, c1 = ctxs
-        layer_c = [max((med[("layer", c1, r)] - med[("layer", c0, r)]) / (c1 - c0) / N, 0.0) for r in rows]
-        layer_a = [med[("layer", c0, r)] / N - c * c0 for r, c in zip(rows, layer_c, strict=True)]
-        mat_s = [[med[("mat", el, r)] for r in mat_rows] for el in sizes]
-        cal = Calibration(
-            calibration_key(bb),
-            list(rows),
-            layer_a,
-            layer_c,
-            sizes,
-            mat_rows,
-            mat_s,
-            {"full": 0.0, "early": 0.0},
-        )
-        cal.overhead = _measure_overhead(bb, cal, max(3, min(rounds // 3, 9)))
+            for k, fn in runs.items():
+                res = fn()
+                gens[k].append((res.stats["decode_s"], res.meter))
+    med = {p: statistics.median(v) for p, v in samples.items()}
+    c0, c1 = ctxs
+    layer_c = [max((med[("layer", c1, r)] - med[("layer", c0, r)]) / (c1 - c0) / N, 0.0) for r in rows]
+    layer_a = [med[("layer", c0, r)] / N - c * c0 for r, c in zip(rows, layer_c, strict=True)]
+    mat_s = [[med[("mat", el, r)] for r in mat_rows] for el in sizes]
+    cal = Calibration(calibration_key(bb), list(rows), layer_a, layer_c, sizes, mat_rows, mat_s, {})
+    cal.overhead = _fit_overhead(cal, gens)
     return cal
 
 
-def _measure_overhead(bb, cal: Calibration, repeats: int) -> dict[str, float]:
-    """Seconds per step beyond the modelled passes (embedding, sampling, checks, bookkeeping):
-    short real generations, round-robin, minus what the table predicts for their passes. Plain
-    full steps from an all-full run; early steps and refreshes (full steps that check pending
-    early tokens) from two SPAR-K runs with one and three early steps per refresh."""
-    from .generate import GenerationConfig, generate
-    from .heads import ExitHeads
-    from .schedule import Interleave
-
-    N = bb.num_layers
-    heads = ExitHeads(bb, "logit-lens")
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    prompt = torch.randint(0, bb.vocab_size, (16,), generator=gen).tolist()
-    L = max(1, N // 2)
-    runs = {"full": "full", "even": f"spar-k:FE:{L}", "feee": f"spar-k:FEEE:{L}"}
-    residues: dict[str, list[float]] = {k: [] for k in runs}
-    counts: dict[str, dict] = {}
-    for _ in range(repeats):
-        for name, policy in runs.items():
-            cfg = GenerationConfig(
-                max_new_tokens=25, speech_policy=policy, interleave=Interleave(0, 1), calibrate=False
-            )
-            res = generate(bb, prompt, cfg, heads=heads)
-            residues[name].append(res.stats["decode_s"] - cal.time(res.meter, with_overhead=False))
-            counts[name] = dict(res.meter.steps)
-    r = {k: statistics.median(v) for k, v in residues.items()}
-    full = max(r["full"] / max(sum(counts["full"].values()), 1), 0.0)
-    # residue - full * (plain full steps) = early * n_early + refresh * n_refresh, in both runs
-    (e1, f1), (e2, f2) = [(counts[k].get("early", 0), counts[k].get("refresh", 0)) for k in ("even", "feee")]
-    y1 = r["even"] - full * counts["even"].get("full", 0)
-    y2 = r["feee"] - full * counts["feee"].get("full", 0)
-    det = e1 * f2 - e2 * f1
+def _fit_overhead(cal: Calibration, gens: dict[str, list]) -> dict[str, float]:
+    """Seconds per step beyond the modelled passes (embedding, sampling, bookkeeping), per plain
+    full step, early step and checked early token, from three generations' median residues."""
+    resid, counts = {}, {}
+    for k, samples in gens.items():
+        resid[k] = statistics.median(t - cal.time(m, with_overhead=False) for t, m in samples)
+        counts[k] = dict(samples[0][1].steps)
+    n_full = sum(counts["full"].values())
+    full = max(resid["full"] / max(n_full, 1), 0.0)
+    # residue - full * (full steps) = early * n_early + check * n_checked, in both SPAR-K runs
+    (e1, c1), (e2, c2) = [(counts[k].get("early", 0), counts[k].get("check", 0)) for k in ("even", "feee")]
+    y1 = resid["even"] - full * counts["even"].get("full", 0)
+    y2 = resid["feee"] - full * counts["feee"].get("full", 0)
+    det = e1 * c2 - e2 * c1
     if det:
-        early, refresh = (y1 * f2 - y2 * f1) / det, (e1 * y2 - e2 * y1) / det
+        early, check = (y1 * c2 - y2 * c1) / det, (e1 * y2 - e2 * y1) / det
     else:  # the two runs cannot separate them: one figure for both
-        early = refresh = (y1 + y2) / max(e1 + f1 + e2 + f2, 1)
-    return {"full": full, "fallback": full, "early": max(early, 0.0), "refresh": max(refresh, 0.0)}
+        early = check = (y1 + y2) / max(e1 + c1 + e2 + c2, 1)
+    return {"full": full, "fallback": full, "early": max(early, 0.0), "check": max(check, 0.0)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,7 +515,8 @@ def predict_schedules(bb, cal: Calibration, new_tokens: int = 64, context: int =
                     m.layers(0, lo, 1, ctx)
                     m.layers(lo, N, pending + 1, ctx)
                     m.matrix(H * V, pending + 1, "proj")
-                    m.step("refresh")
+                    m.step("full")
+                    m.step("check", pending)
                     pending = 0
                 else:
                     m.layers(0, N, 1, ctx)
@@ -530,6 +525,7 @@ def predict_schedules(bb, cal: Calibration, new_tokens: int = 64, context: int =
             if pending:  # the final flush
                 m.layers(pol.layer, N, pending, context + new_tokens)
                 m.matrix(H * V, pending, "proj")
+                m.step("check", pending)
             t = cal.time(m)
             if spec == "full":
                 base = t

@@ -703,11 +703,13 @@ def _finish_full(run: _Run, carry: _Carry, live: dict[int, _RowPlan] | None) -> 
     for b, s, c in zip(carry.rows, carry.start, carry.count, strict=True):
         tr = run.traces[b]
         n_pending = c - (1 if live is not None else 0)
-        # the fixed work of the step, for the calibrated cost model: a refresh checks pending tokens
-        kind = "refresh" if n_pending else live[b].action if live is not None else None
-        if kind is not None:
-            run.meters[b].step(kind)
-            run.batch_meter.step(kind)
+        # the fixed work of the step, for the calibrated cost model: the step itself, and the
+        # check of each pending early token
+        for m in (run.meters[b], run.batch_meter):
+            if live is not None:
+                m.step(live[b].action)
+            if n_pending:
+                m.step("check", n_pending)
         if _check_pending(run, b, full, restricted, first, s, n_pending):
             if live is not None:
                 tr.wasted += 1  # this step's own pass served the check only
