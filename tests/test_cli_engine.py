@@ -229,3 +229,83 @@ def test_train_heads_label_batches_give_the_same_labels(qwen_dir, tmp_path):
         assert res.exit_code == 0, res.output
         outs.append(json.loads(out.with_name(out.stem + ".metrics.json").read_text()))
     assert outs[0]["heads"] == outs[1]["heads"]
+
+
+def test_generate_history_continues_a_glm_dialogue(tmp_path):
+    """`--history FILE --prompt TEXT` on a GLM-4-Voice-shaped checkpoint: the prompt is the
+    history's turns in the model's chat format plus the new question (models.build_dialogue)."""
+    from conftest import tiny_model
+    from sparkee import GenerationConfig, generate, load_model, resolve_config
+    from sparkee.models import build_dialogue, load_history
+    from sparkee.profiles import load_profile
+    from test_model_presets import GLM_SPECIALS, make_tokenizer
+
+    tok = make_tokenizer([*GLM_SPECIALS, *(f"<|audio_{i}|>" for i in range(40))])
+    d = tmp_path / "glm"
+    tiny_model("glm", layers=3, vocab=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    hist = tmp_path / "h.json"
+    audio0 = tok.convert_tokens_to_ids("<|audio_0|>")
+    hist.write_text(
+        json.dumps(
+            {"turns": [{"role": "user", "text": "hi"}, {"role": "assistant", "ids": [audio0 + 3, 40]}]}
+        )
+    )
+    args = [
+        "generate",
+        "--preset",
+        "glm-4-voice",
+        "--model",
+        str(d),
+        "--history",
+        str(hist),
+        "--prompt",
+        "and?",
+        "--speech-policy",
+        "spar-k:even:2",
+        "--speech-ids",
+        f"{audio0}:{audio0 + 40}",  # the tiny tokenizer has 40 audio tokens, not 16384
+    ]
+    res = runner.invoke(app, [*args, "--max-new-tokens", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    bb = load_model(d)
+    ids = build_dialogue("glm-4-voice", load_history(hist, "glm-4-voice").ask(text="and?"), tok, d)
+    assert (
+        tok.convert_tokens_to_ids("<|assistant|>") in ids
+        and ids.count(tok.convert_tokens_to_ids("<|user|>")) == 2
+    )
+    cfg = resolve_config(
+        load_profile(d, "glm-4-voice", bb),
+        {"max_new_tokens": 6, "speech_policy": "spar-k:even:2", "speech_ids": (audio0, audio0 + 40)},
+    )
+    assert out["tokens"] == generate(bb, ids, GenerationConfig(**{**cfg.__dict__, "calibrate": False})).tokens
+    # a history that names another model is refused in one sentence
+    hist.write_text(json.dumps({"model": "step-audio-2-mini", "turns": [{"role": "user", "text": "hi"}]}))
+    bad = runner.invoke(app, [*args, "--max-new-tokens", "2"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_eval_data_lines_carry_a_history(tmp_path):
+    from sparkee.models import build_dialogue, parse_dialogue
+    from sparkee.profiles import load_profile
+    from test_model_presets import GLM_SPECIALS, make_tokenizer
+
+    tok = make_tokenizer([*GLM_SPECIALS, *(f"<|audio_{i}|>" for i in range(40))])
+    d = tmp_path / "glm"
+    d.mkdir()
+    tok.save_pretrained(d)
+    (d / "config.json").write_text(json.dumps({"architectures": ["GlmForCausalLM"], "num_hidden_layers": 3}))
+    history = [{"role": "user", "speech": [1, 2, 3]}, {"role": "assistant", "text": "fine"}]
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        json.dumps({"history": history, "prompt": "and now?", "accepted": ["x"], "id": "h1"}) + "\n"
+    )
+    items = load_profile(d, "glm-4-voice").prompts(str(data))
+    expect = build_dialogue(
+        "glm-4-voice", parse_dialogue(history, "glm-4-voice").ask(text="and now?"), tok, d
+    )
+    assert items[0].ids == expect and items[0].meta["id"] == "h1" and "history" not in items[0].meta
+    plain = load_profile(tmp_path / "nowhere")
+    with pytest.raises(SparkeeError, match="chat format"):
+        plain.prompts(str(data))
