@@ -29,7 +29,7 @@ def test_demo_on_two_questions(tmp_path):
     rows = json.loads((out / "summary.json").read_text())
     assert [r["policy"] for r in rows][0] == "full"
     assert {r["policy"].split(":")[0] for r in rows} == {"full", "fixed", "confidence", "spar-k"}
-    assert len(rows) == 6
+    assert len(rows) == 7 and rows[-1]["policy"] == "spar-k:FEEE:4+verify"
     for r in rows:
         assert set(r) >= KEYS
         assert r["speedup"] > 0
@@ -39,6 +39,11 @@ def test_demo_on_two_questions(tmp_path):
     # speech says exactly its text; SPAR-K even at layer 12 keeps all of that (greedy, fp32)
     assert full["accuracy_speech"] == full["accuracy_text"] == 1.0 and full["wer"] == 0.0
     assert by["spar-k:even:12"]["accuracy_speech"] == 1.0 and by["spar-k:even:12"]["wer"] == 0.0
+    # the verified row (exact rule) answers exactly what full depth answers, token for token
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    tokens = {(r["row"], r["example"]): r["tokens"] for r in recs}
+    for i in (0, 1):
+        assert tokens[("spar-k:FEEE:4+verify", i)] == tokens[("full", i)]
     # fixed-layer exit drifts (the paper's finding): its speech is worse than full's
     assert by["fixed:12"]["accuracy_speech"] < 1.0 and by["fixed:12"]["wer"] > 0.0
     assert by["spar-k:even:12"]["speech_depth_reduction_pct"] == pytest.approx(12.5, abs=0.5)
@@ -49,7 +54,7 @@ def test_demo_on_two_questions(tmp_path):
     table = (out / "table.md").read_text()
     assert "acc. speech %" in table and "measured speed-up" in table
     if shutil.which("espeak-ng"):
-        assert len(list((out / "audio").rglob("*.wav"))) == 6  # one answer per policy
+        assert len(list((out / "audio").rglob("*.wav"))) == 7  # one answer per policy
 
 
 def test_demo_bad_inputs(tmp_path):

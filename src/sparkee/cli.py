@@ -887,6 +887,11 @@ def demo(
     batch_size: int = typer.Option(
         1, "--batch-size", help="Questions of a row decoded together (same answers; speed measured batched)."
     ),
+    verified_row: bool = typer.Option(
+        True,
+        "--verified-row/--paper-rows-only",
+        help="Add the best lossless verified row of the frontier (spar-k:FEEE:4+verify).",
+    ),
 ) -> None:
     """Answer the bundled reference SLM's test questions under each policy; print the paper's Table 2."""
     from .backbone import load_model
@@ -920,6 +925,10 @@ def demo(
     for spec in specs:
         parse_policy(spec, bb.num_layers)
     rows = [Row("full", s) for s in specs]
+    if verified_row:  # the frontier's best lossless row (README): verified SPAR-K, exact rule
+        from .eval.harness import parse_row
+
+        rows.append(parse_row(profile.verified_row(bb.num_layers), "full", bb.num_layers))
     cfg = resolve_config(profile, {"format": fmt, "max_new_tokens": 200})
     prompts, digest = load_data(profile, "refslm:test", fmt, limit)
     typer.echo(

@@ -219,6 +219,11 @@ class ReferenceProfile(ModelProfile):
     def _can_encode(self) -> bool:
         return True
 
+    def verified_row(self, num_layers: int) -> str:
+        """The demo's verified row: the fastest lossless row of the frontier on the bundled model
+        (README, "The speed-quality frontier"): FEEE at a quarter of the depth, exact rule."""
+        return f"spar-k:FEEE:{max(1, num_layers // 4)}+verify"
+
     def prompts(self, source: str, fmt: str | None = None) -> list[PromptItem]:
         if not source.startswith(REFSLM_SOURCE):
             return super().prompts(source, fmt)
