@@ -183,6 +183,32 @@ def test_eval_verified_rows_batches_and_timing_drift(qwen_dir, data, tmp_path):
     assert (tmp_path / "b1" / "frontier.png").is_file()
 
 
+def test_batched_eval_predicts_on_the_batch_as_it_measures(qwen_dir, data, tmp_path, monkeypatch):
+    """At --batch-size B an example's predicted time is its batch's calibrated time / B, like its
+    measured time (a batch-1 prediction beside a batched measurement would mislead)."""
+    from sparkee import cost
+
+    cal = cost.Calibration(
+        key={}, rows=[1, 64], layer_a=[1e-3, 2e-3], layer_c=[1e-4, 1e-4], mat_sizes=[1, 10**9],
+        mat_rows=[1, 64], mat_s=[[0.0, 0.0], [0.0, 0.0]], overhead={"full": 5e-3, "early": 1e-3},
+    )  # fmt: skip
+    monkeypatch.setattr(cost, "load_or_calibrate", lambda *a, **k: cal)
+    monkeypatch.setenv("SPARKEE_NO_CALIBRATE", "0")
+    res = runner.invoke(
+        app,
+        eval_args(qwen_dir, data, tmp_path / "b4", "--policies", "full,spar-k:FEEE:2", "--batch-size", "4"),
+    )
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (tmp_path / "b4" / "results.jsonl").read_text().splitlines()]
+    for row in ("full", "spar-k:FEEE:2"):
+        pred = {r["stats"]["predicted_s"] for r in recs if r["row"] == row}
+        assert len(pred) == 1 and None not in pred  # one batch: one shared share of its time
+    one = runner.invoke(app, eval_args(qwen_dir, data, tmp_path / "b1", "--policies", "full,spar-k:FEEE:2"))
+    assert one.exit_code == 0, one.output
+    recs = [json.loads(x) for x in (tmp_path / "b1" / "results.jsonl").read_text().splitlines()]
+    assert len({r["stats"]["predicted_s"] for r in recs if r["row"] == "full"}) > 1  # per example
+
+
 def test_eval_frontier_grid_and_its_errors(qwen_dir, data, tmp_path):
     out = tmp_path / "fr"
     res = runner.invoke(

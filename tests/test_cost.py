@@ -96,6 +96,32 @@ def test_calibrated_time_adds_up_the_passes():
     assert cal.layer_time(8, 0) == pytest.approx(4.5)  # extended linearly beyond the last point
 
 
+def test_batch_meter_counts_a_steps_fixed_work_once_per_batch_step():
+    """A step's fixed work is shared by the rows of a batch: the batch meter (and the all-full
+    baseline of `batch_predicted_speedup`) count it once per step, not once per row."""
+    from sparkee.generate import BatchGeneration, ExitHeads
+
+    bb = wrap_model(tiny_model("qwen2", layers=4))
+    cfg = GenerationConfig(max_new_tokens=9, speech_policy="spar-k:even:2", interleave=Interleave(0, 1))
+    gen = BatchGeneration(bb, ExitHeads(bb, "logit-lens"), [PROMPT] * 3, cfg)
+    res = gen.results()
+    steps = gen._run.batch_meter.steps
+    # 8 decode steps in lock-step (the first token comes from prefill): 4 early, 4 full
+    assert steps["early"] == 4 and steps["full"] == 4
+    per_row = res[0].meter.steps
+    assert per_row["early"] == 4 and per_row["full"] == 4
+    # a row's checks are its own work: 4 refreshes x 1 pending early token x 3 rows
+    assert steps["check"] == 12
+    # the baseline charges the same fixed work per step: with passes free and only fixed work
+    # priced, the batch prediction is the per-step ratio whatever the batch size
+    cal = cost.Calibration(
+        key={}, rows=[1, 64], layer_a=[0.0, 0.0], layer_c=[0.0, 0.0], mat_sizes=[1, 10**9],
+        mat_rows=[1, 64], mat_s=[[0.0, 0.0], [0.0, 0.0]], overhead={"full": 1.0, "early": 0.5, "check": 0.0},
+    )  # fmt: skip
+    stats = cost.batch_stats(gen._run.batch_meter, gen._run.traces, bb.num_layers, 1.0, cal, gen._run.plan)
+    assert stats["batch_predicted_speedup_calibrated"] == pytest.approx(8 / (4 + 2))
+
+
 @pytest.mark.parametrize(
     "choice",
     [("packed",) * 4, ("plain", "rowwise", "rowwise", "rowwise"), ("packed", "rowwise", "packed", "plain")],
@@ -165,3 +191,38 @@ def test_kernel_choice_is_measured_once_and_cached(cache_dir, monkeypatch):
     # and the optimized model decodes what the plain one does
     cfg = GenerationConfig(max_new_tokens=16, speech_policy="spar-k:even:2", interleave=Interleave(0, 1))
     assert generate(again, PROMPT, cfg).tokens == generate(wrap_model(model), PROMPT, cfg).tokens
+
+
+def test_overhead_fit_is_nonnegative_least_squares():
+    # exact data is recovered
+    rows = [
+        (16 * 2e-3 + 0 * 5e-4, 16.0, 0.0),
+        (16 * 2e-3 + 8 * 5e-4, 16.0, 8.0),
+        (16 * 2e-3 + 12 * 5e-4, 16.0, 12.0),
+    ]
+    x, y = cost._nnls2(rows)
+    assert x == pytest.approx(2e-3) and y == pytest.approx(5e-4)
+    # a negative unconstrained optimum lands on the boundary, never below zero, and no
+    # non-negative pair on a grid fits better
+    rows = [(0.03, 16.0, 0.0), (0.01, 16.0, 8.0), (0.0, 16.0, 12.0)]
+    x, y = cost._nnls2(rows)
+    assert x >= 0 and y == 0.0
+    sse = lambda a, b: sum((r - a * u - b * v) ** 2 for r, u, v in rows)  # noqa: E731
+    grid = [i * 1e-4 for i in range(40)]
+    assert sse(x, y) <= min(sse(a, b) for a in grid for b in grid) + 1e-15
+    # the step kinds share one figure; checks have their own
+    cal = cost.Calibration(
+        key={}, rows=[1, 2], layer_a=[0.0, 0.0], layer_c=[0.0, 0.0], mat_sizes=[1, 2], mat_rows=[1],
+        mat_s=[[0.0], [0.0]], overhead={},
+    )  # fmt: skip
+
+    def gen(full, early, check):
+        m = cost.CostMeter([1], [1], 1, 1, 1)
+        m.step("full", full)
+        m.step("early", early)
+        m.step("check", check)
+        return [(2e-3 * (full + early) + 5e-4 * check, m)]
+
+    fit = cost._fit_overhead(cal, {"full": gen(16, 0, 0), "even": gen(8, 8, 8), "feee": gen(4, 12, 12)})
+    assert fit["full"] == fit["early"] == fit["fallback"] == pytest.approx(2e-3)
+    assert fit["check"] == pytest.approx(5e-4)

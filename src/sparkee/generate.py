@@ -638,7 +638,6 @@ def _emit_early(run: _Run, b: int, logits: torch.Tensor, rp: _RowPlan, filled: i
     rec.misplanned = misplanned(rp.modality, plan.kind_of(token))
     tr.append(rec, rp.state)
     run.meters[b].step("early")
-    run.batch_meter.step("early")
 
 
 def _plan_row(run: _Run, b: int) -> _RowPlan:
@@ -680,7 +679,11 @@ def _step(run: _Run, rows: list[int]) -> None:
                 keep.append(j)
         carry = carry.select(sorted(keep))
         if not carry.rows:
+            run.batch_meter.step("early")
             return
+    # a step's fixed work (embedding, masks, dispatch) is paid once for the whole batch, at the
+    # cost of its deepest kind; per-row work is in the passes and the checks
+    run.batch_meter.step("full")
     carry = run.run_layers(carry, range(at, N))
     _finish_full(run, carry, live)
 
@@ -705,10 +708,10 @@ def _finish_full(run: _Run, carry: _Carry, live: dict[int, _RowPlan] | None) -> 
         n_pending = c - (1 if live is not None else 0)
         # the fixed work of the step, for the calibrated cost model: the step itself, and the
         # check of each pending early token
-        for m in (run.meters[b], run.batch_meter):
-            if live is not None:
-                m.step(live[b].action)
-            if n_pending:
+        if live is not None:
+            run.meters[b].step(live[b].action)
+        if n_pending:
+            for m in (run.meters[b], run.batch_meter):
                 m.step("check", n_pending)
         if _check_pending(run, b, full, restricted, first, s, n_pending):
             if live is not None:

@@ -275,6 +275,10 @@ def _record(
     stats = {k: res.stats.get(k) for k in STAT_KEYS}
     for k in ("decode_s", "prefill_s"):  # a batch's times, shared by its examples
         stats[k] = res.stats[k] / batch
+    if batch > 1:  # predicted like measured: the batch's calibrated time, shared by its examples
+        for k in ("predicted_s", "predicted_full_s"):
+            t = res.stats.get("batch_" + k)
+            stats[k] = None if t is None else t / batch
     rec = {
         "key": _key(row, i),
         "row": row.name,
