@@ -91,6 +91,7 @@ def test_calibrate_command_measures_caches_and_prints(qwen_dir, tmp_path, monkey
     res = runner.invoke(app, ["calibrate", "--model", str(qwen_dir)])
     assert res.exit_code == 0, res.output
     assert "layer passes" in res.output and "predicted speed-up" in res.output
+    assert "between the halves of the rounds" in res.output
     files = list((tmp_path / "cache" / "calibration").glob("*.json"))
     assert len(files) == 1
     again = runner.invoke(app, ["calibrate", "--model", str(qwen_dir), "--json"])

@@ -226,3 +226,23 @@ def test_overhead_fit_is_nonnegative_least_squares():
     fit = cost._fit_overhead(cal, {"full": gen(16, 0, 0), "even": gen(8, 8, 8), "feee": gen(4, 12, 12)})
     assert fit["full"] == fit["early"] == fit["fallback"] == pytest.approx(2e-3)
     assert fit["check"] == pytest.approx(5e-4)
+
+
+def test_split_half_drift_flags_a_machine_that_changed_speed(cache_dir, monkeypatch, capsys):
+    steady = [[1.0, 1.02, 0.99, 1.01, 1.0, 0.98, 1.01, 1.0]]
+    assert cost.split_half_drift(steady) < 0.05
+    # the second half of the rounds ran 40% slower on one point: that is what is reported
+    busy = [*steady, [1.0, 1.0, 1.01, 0.99, 1.4, 1.41, 1.39, 1.4]]
+    assert cost.split_half_drift(busy) == pytest.approx(0.4, abs=0.02)
+    assert cost.split_half_drift([[1.0, 2.0]]) == 0.0  # too short to say
+    # a calibration that drifted says so once, on stderr, and records it in its file
+    bb = wrap_model(tiny_model("qwen2", layers=2))
+    monkeypatch.setattr(cost, "split_half_drift", lambda series: 0.4)
+    cal = cost.load_or_calibrate(bb, progress=True)
+    assert cal.drift == 0.4
+    assert "moved by 40% while calibrating" in capsys.readouterr().err
+    data = json.loads(cost.key_path("calibration", cal.key).read_text())
+    assert data["drift"] == 0.4
+    # a file from before this field still loads (drift unknown: 0)
+    del data["drift"]
+    assert cost.Calibration.from_json(data).drift == 0.0

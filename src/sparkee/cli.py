@@ -497,6 +497,7 @@ def print_calibration(bb, cal) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from . import cost
     from .cost import predict_schedules
 
     con = Console()
@@ -513,6 +514,8 @@ def print_calibration(bb, cal) -> None:
         m.add_row(f"{el:,}", *[f"{1e3 * x:.3f}" for x in row])
     con.print(m)
     con.print("step overheads (ms): " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in cal.overhead.items()))
+    steady = "steady" if cal.drift <= cost.UNSTEADY else "UNSTEADY: rerun with --force on a quiet machine"
+    con.print(f"layer timings moved {100 * cal.drift:.1f}% between the halves of the rounds ({steady})")
     p = Table(
         "schedule (every step speech)",
         "predicted speed-up over full",

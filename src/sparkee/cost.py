@@ -143,6 +143,9 @@ class Calibration:
     mat_rows: list[int]
     mat_s: list[list[float]]  # [size][rows] seconds
     overhead: dict[str, float]  # seconds of fixed work per step kind
+    # how far the layer passes' medians moved between the first and second half of the rounds
+    # (0.1 = 10%): a busy machine while calibrating shows here
+    drift: float = 0.0
 
     def layer_time(self, rows: int, ctx: float) -> float:
         a = max(_interp(self.rows, self.layer_a, rows), 0.0)
@@ -176,11 +179,12 @@ class Calibration:
             "mat_rows": self.mat_rows,
             "mat_s": self.mat_s,
             "overhead": self.overhead,
+            "drift": self.drift,
         }
 
     @classmethod
     def from_json(cls, d: dict) -> Calibration:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +286,13 @@ def load_or_calibrate(bb, heads=None, progress: bool = True) -> Calibration:
             flush=True,
         )
     cal = calibrate(bb, progress=progress)
+    if cal.drift > UNSTEADY:
+        print(
+            f"sparkee: warning: layer timings moved by {100 * cal.drift:.0f}% while calibrating (a busy "
+            "machine?); predictions may be off: rerun `sparkee calibrate --force` on a quiet machine.",
+            file=sys.stderr,
+            flush=True,
+        )
     write_cached("calibration", cal.key, cal.to_json())
     bb._calibration = cal
     return cal
@@ -418,7 +429,27 @@ def calibrate(bb, progress: bool = True, rows: tuple[int, ...] = ROWS, budget_s:
     mat_s = [[med[("mat", el, r)] for r in mat_rows] for el in sizes]
     cal = Calibration(calibration_key(bb), list(rows), layer_a, layer_c, sizes, mat_rows, mat_s, {})
     cal.overhead = _fit_overhead(cal, gens)
+    cal.drift = split_half_drift([v for p, v in samples.items() if p[0] == "layer"])
     return cal
+
+
+# beyond this, the machine's speed moved while calibrating and predictions may be off by as much
+UNSTEADY = 0.15
+
+
+def split_half_drift(series: list[list[float]]) -> float:
+    """The largest relative difference between the median of the first and of the second half
+    of each series of timings (rounds in order). Drift that hits every point alike cancels in
+    ratios; a large value still says the machine was busy while it was measured."""
+    worst = 0.0
+    for ts in series:
+        h = len(ts) // 2
+        if h < 2:
+            continue
+        a, b = statistics.median(ts[:h]), statistics.median(ts[h:])
+        if min(a, b) > 0:
+            worst = max(worst, abs(a - b) / min(a, b))
+    return worst
 
 
 def _fit_overhead(cal: Calibration, gens: dict[str, list]) -> dict[str, float]:
