@@ -61,6 +61,17 @@ TEXT_SYSTEM = (
 )
 ASSISTANT_PREFIX = "streaming_transcription\n"
 
+# Table 2's speech-side rows G2-G8 (text steps at full depth)
+SPEECH_ROWS = [
+    "fixed:38",
+    "confidence:36:0.5",
+    "spar-k:even:36",
+    "spar-k:odd:36",
+    "spar-k:triple:37",
+    "spar-k:even:33",
+    "spar-k:even:35",
+]
+
 PRESET = {
     "name": NAME,
     "num_layers": NUM_LAYERS,
@@ -80,27 +91,9 @@ PRESET = {
     "repetition_penalty": 1.0,
     "speech_policy": "spar-k:even:36",
     # the paper's speech-side settings for GLM-4-Voice (Table 2, G2-G8)
-    "policies": [
-        "fixed:38",
-        "confidence:36:0.5",
-        "spar-k:even:36",
-        "spar-k:odd:36",
-        "spar-k:triple:37",
-        "spar-k:even:33",
-        "spar-k:even:35",
-    ],
+    "policies": SPEECH_ROWS,
     # Table 2's rows G2-G10 in eval's `--policies` syntax (SPEECH, or TEXT|SPEECH); G1 is "full"
-    "paper_rows": [
-        "fixed:38",
-        "confidence:36:0.5",
-        "spar-k:even:36",
-        "spar-k:odd:36",
-        "spar-k:triple:37",
-        "spar-k:even:33",
-        "spar-k:even:35",
-        "spar-k:even:36|full",
-        "confidence:36:0.5|spar-k:even:36",
-    ],
+    "paper_rows": [*SPEECH_ROWS, "spar-k:even:36|full", "confidence:36:0.5|spar-k:even:36"],
     "special_ids": {},
     "missing_ids": list(TOKENS),
     "public_ids": {

@@ -43,6 +43,9 @@ STOP_TOKENS = "<|EOT|>"
 SPEECH_NOTE = "151696:158720 is the public tokenizer's speech range: check it against yours"
 STOP_NOTE = "ID is the id of <|EOT|> in your tokenizer"
 
+# Table 2's speech-side rows S2-S6 (text steps at full depth)
+SPEECH_ROWS = ["fixed:25", "confidence:26:0.1", "spar-k:even:22", "spar-k:odd:22", "spar-k:triple:22"]
+
 PRESET = {
     "name": NAME,
     "num_layers": NUM_LAYERS,
@@ -62,9 +65,9 @@ PRESET = {
     "repetition_penalty": 1.05,
     "speech_policy": "spar-k:even:22",
     # the paper's speech-side settings for Step-Audio-2 (Table 2, S2-S6)
-    "policies": ["fixed:25", "confidence:26:0.1", "spar-k:even:22", "spar-k:odd:22", "spar-k:triple:22"],
-    # Table 2's rows S2-S6 in eval's `--policies` syntax; S1 is "full"
-    "paper_rows": ["fixed:25", "confidence:26:0.1", "spar-k:even:22", "spar-k:odd:22", "spar-k:triple:22"],
+    "policies": SPEECH_ROWS,
+    # Table 2's rows S2-S6 in eval's `--policies` syntax (no text-side rows); S1 is "full"
+    "paper_rows": list(SPEECH_ROWS),
     "special_ids": {},
     "missing_ids": list(TOKENS),
     "public_ids": {"speech_ids": (PUBLIC_IDS["<audio_0>"], PUBLIC_VOCAB), "stop_ids": None},
