@@ -510,6 +510,16 @@ def baseline_meter(meter: CostMeter, records, prompt_len: int, full_proj: list[i
     return base
 
 
+def compare(meter: CostMeter, base: CostMeter, calibration: Calibration | None) -> tuple:
+    """A run's passes against the baseline's: (weight-read speed-up, calibrated speed-up, calibrated
+    seconds of the run, of the baseline); the calibrated figures are None without a calibration."""
+    pred_mem = base.reads / meter.reads if meter.reads else None
+    if calibration is None or not meter.reads:
+        return pred_mem, None, None, None
+    t, t_base = calibration.time(meter), calibration.time(base)
+    return pred_mem, (t_base / t if t > 0 else None), t, t_base
+
+
 def batch_stats(meter: CostMeter, traces, num_layers: int, decode_s: float, calibration, plan) -> dict:
     """The batch as a whole: tokens/s and the predicted speed-up over decoding the same batch at
     full depth, where at decode step s the rows still generating run every layer together."""
@@ -522,11 +532,7 @@ def batch_stats(meter: CostMeter, traces, num_layers: int, decode_s: float, cali
         base.matrix(meter.hidden * meter.vocab, len(live), "proj")
         base.step("full")  # once per batch step, as the engine's batch meter counts it
     tokens = sum(max(n - 1, 0) for n in lengths)
-    pred_mem = base.reads / meter.reads if meter.reads else None
-    pred_cal = t = t_base = None
-    if calibration is not None and meter.reads:
-        t, t_base = calibration.time(meter), calibration.time(base)
-        pred_cal = t_base / t if t > 0 else None
+    pred_mem, pred_cal, t, t_base = compare(meter, base, calibration)
     return {
         "batch_size": len(traces),
         "batch_new_tokens": tokens,

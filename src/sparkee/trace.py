@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .cost import Calibration, CostMeter, baseline_meter
+from .cost import Calibration, CostMeter, baseline_meter, compare
 
 # kept importable from here: the cost meter used to live in this module
 __all__ = ["CostMeter", "StepRecord", "compute_stats", "steps_as_dicts"]
@@ -67,11 +67,7 @@ def compute_stats(
     base = baseline_meter(meter, steps, prompt_len, full_projection_sizes(steps, meter, plan))
     decode_tokens = max(len(steps) - 1, 0)  # the first token comes from the prefill
     accepted = sum(bool(s.accepted) for s in steps if s.action == "early")
-    pred_mem = base.reads / meter.reads if meter.reads else None
-    pred_cal = run_t = base_t = None
-    if calibration is not None and meter.reads:
-        run_t, base_t = calibration.time(meter), calibration.time(base)
-        pred_cal = base_t / run_t if run_t > 0 else None
+    pred_mem, pred_cal, run_t, base_t = compare(meter, base, calibration)
     return {
         "num_layers": num_layers,
         "new_tokens": len(steps),
