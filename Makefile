@@ -3,10 +3,10 @@ VENV  ?= .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.sparkee-setup
 
-.PHONY: setup demo test lint format bench
+.PHONY: setup demo test test-latest test-oldest lock lint format bench
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
 	touch $(STAMP)
 
@@ -17,6 +17,19 @@ test: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest
+
+# The contract and engine-parity tests against the newest transformers, accelerate and safetensors
+# the registry serves (the canary), and against the lower bounds pyproject.toml declares; each in
+# a venv of its own, so .venv keeps the lock.
+test-latest:
+	bash scripts/compat.sh latest
+
+test-oldest:
+	bash scripts/compat.sh oldest
+
+# Remake constraints.txt from the newest releases (then run the tests and commit it).
+lock:
+	bash scripts/lock.sh
 
 format: setup
 	$(BIN)/ruff format src tests bench

@@ -21,9 +21,18 @@ if ((${#need[@]})); then
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING" || true
-# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build here.
-# GPU users: install the CUDA build of torch 2.13.0 first (see README), this line then does nothing.
-"$VENV/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING" || true
-"$VENV/bin/python" -m pip install -q -e ".[dev,speech]" 2>&1 | grep -v "^WARNING" || true
-"$VENV/bin/python" -c "import sparkee, torch; print(f'sparkee {sparkee.__version__} ready (torch {torch.__version__})')"
+# Every package at the version CI tested: the lock (constraints.txt, made by scripts/lock.sh).
+# torch first: a bare `torch` requirement would pull a multi-GB CUDA build here; the lock's
+# torch==2.13.0 is the CPU build on this project's machines. GPU users: see README, "Installing".
+LOCK=constraints.txt
+pipq() {  # pip, less the warnings about this machine's local package folders; keeps pip's status
+  local out rc=0
+  out=$("$VENV/bin/python" -m pip "$@" 2>&1) || rc=$?
+  printf '%s\n' "$out" | grep -v -E "^WARNING|ignored: it is neither|^$" || true
+  return $rc
+}
+pipq install -q -c "$LOCK" pip
+pipq install -q -c "$LOCK" torch
+pipq install -q -c "$LOCK" -e ".[dev,speech,serve]"
+"$VENV/bin/python" -m pip check >/dev/null || { "$VENV/bin/python" -m pip check; exit 1; }
+"$VENV/bin/python" -c "import sparkee, torch, transformers; print(f'sparkee {sparkee.__version__} ready (torch {torch.__version__}, transformers {transformers.__version__})')"

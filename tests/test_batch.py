@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_model
-from sparkee import GenerationConfig, Interleave, generate, generate_batch, stream_batch, wrap_model
+from sparkee import GenerationConfig, Interleave, generate, generate_batch, hf, stream_batch, wrap_model
 
 MODEL = tiny_model("qwen2", layers=5)
 BB = wrap_model(MODEL)
@@ -21,7 +21,7 @@ GLM_BB = wrap_model(GLM)
 def full_forward_kv(model, seq):
     with torch.no_grad():
         out = model(torch.tensor([seq]), use_cache=True)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return hf.dynamic_cache_kv(out.past_key_values)
 
 
 def assert_row_cache_complete(model, res):

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ARCHS, tiny_model
-from sparkee import ExitHeads, GenerationConfig, Interleave, generate, stream, wrap_model
+from sparkee import ExitHeads, GenerationConfig, Interleave, generate, hf, stream, wrap_model
 
 MODELS = {a: tiny_model(a) for a in ARCHS}
 BACKBONES = {a: wrap_model(m) for a, m in MODELS.items()}
@@ -25,7 +25,7 @@ def hf_greedy(model, prompt, n):
 def reference_kv(model, seq):
     with torch.no_grad():
         out = model(torch.tensor([seq]), use_cache=True)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return hf.dynamic_cache_kv(out.past_key_values)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,5 +1,6 @@
 """sparkee: faster decoding for interleaved spoken language models (SPAR-K scheduled early exit)."""
 
+from . import hf
 from .accept import AcceptRule, parse_accept
 from .backbone import SUPPORTED_ARCHITECTURES, Backbone, load_model, wrap_model
 from .errors import SparkeeError
@@ -48,3 +49,5 @@ __all__ = [
     "wrap_model",
 ]
 __version__ = "0.1.0"
+
+hf.warn_if_untested()  # one line on stderr when transformers is outside the tested range

@@ -1,13 +1,12 @@
 """A thin view of a transformers decoder-only causal LM: embed, run layers i..j, norm, project.
 
-This is the only module that touches transformers internals. The model's own modules do the maths
-(embeddings, decoder layers, rotary embedding, final norm, output projection); sparkee owns the
-loop around them and the KV cache.
+The model's own modules do the maths (embeddings, decoder layers, rotary embedding, final norm,
+output projection); sparkee owns the loop around them and the KV cache. Every contact with
+transformers and accelerate goes through `hf.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import hf
 from .errors import SparkeeError
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "GlmForCausalLM")
@@ -37,24 +37,20 @@ class Backbone:
     def __post_init__(self) -> None:
         self.refresh_modules()
         self.config = self.model.config
+        self.shape = hf.shape(self.config)
         self.num_layers = len(self.layers)
-        self.hidden_size = self.config.hidden_size
+        self.hidden_size = self.shape.hidden_size
         self.vocab_size = self.lm_head.weight.shape[0]
-        self.num_kv_heads = self.config.num_key_value_heads
-        self.head_dim = (
-            getattr(self.config, "head_dim", None) or self.hidden_size // self.config.num_attention_heads
-        )
-        self.layer_devices = [execution_device(layer) for layer in self.layers]
+        self.num_kv_heads = self.shape.num_kv_heads
+        self.head_dim = self.shape.head_dim
+        self.layer_devices = [hf.execution_device(layer) for layer in self.layers]
         self.layer_params = [sum(p.numel() for p in layer.parameters()) for layer in self.layers]
 
     def refresh_modules(self) -> None:
         """(Re)read the model's modules, after kernels.optimize replaced some or the dtype changed."""
-        inner = self.model.model
-        self.embed_tokens = inner.embed_tokens
-        self.layers = inner.layers
-        self.rotary_emb = inner.rotary_emb
-        self.norm = inner.norm
-        self.lm_head = self.model.lm_head
+        p = hf.parts(self.model)
+        self.embed_tokens, self.layers, self.rotary_emb = p.embed_tokens, p.layers, p.rotary_emb
+        self.norm, self.lm_head = p.norm, p.lm_head
         self.dtype = self.lm_head.weight.dtype
         self._restricted.clear()
 
@@ -74,13 +70,13 @@ class Backbone:
 
     @property
     def architecture(self) -> str:
-        return (self.config.architectures or [type(self.model).__name__])[0]
+        return hf.architecture(self.model)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)  # [B, T] -> [B, T, H]
 
     def rope(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rotary_emb(h, position_ids)
+        return hf.rotary(self.rotary_emb, h, position_ids)
 
     def run_layer(self, i: int, h, mask, position_ids, position_embeddings, cache) -> torch.Tensor:
         dev = self.layer_devices[i]
@@ -88,15 +84,7 @@ class Backbone:
             h = h.to(dev)
             position_embeddings = tuple(t.to(dev) for t in position_embeddings)
             mask = mask.to(dev) if mask is not None else None
-        out = self.layers[i](
-            h,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            position_embeddings=position_embeddings,
-        )
-        return out[0] if isinstance(out, tuple) else out
+        return hf.call_layer(self.layers[i], h, mask, position_ids, position_embeddings, cache)
 
     @property
     def compiled(self) -> bool:
@@ -159,26 +147,21 @@ class Backbone:
             "layers": self.num_layers,
             "hidden": self.hidden_size,
             "vocab": self.vocab_size,
-            "heads": self.config.num_attention_heads,
+            "heads": self.shape.num_heads,
             "kv_heads": self.num_kv_heads,
         }
         h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-        from accelerate.utils import align_module_device
-
         # bf16 rounding is idempotent, so fp32 and bf16 loads of one checkpoint agree; the modules
         # are aligned so that weights accelerate keeps on disk (meta tensors here) are read too
         if version == 1:
             for mod, rows in ((self.norm, None), (self.lm_head, 16), (self.layers[-1].input_layernorm, None)):
-                with align_module_device(mod, torch.device("cpu")):
+                with hf.weights_on_cpu(mod, whole=True):
                     t = mod.weight if rows is None else mod.weight[:rows]
                     h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
             return h.hexdigest()[:16]
         mods = [self.embed_tokens, *self.layers, self.norm, self.lm_head]
         for mod in mods:
-            with contextlib.ExitStack() as stack:  # offloaded weights may hang on any submodule's hook
-                for sub in mod.modules():
-                    if getattr(sub, "_hf_hook", None) is not None:
-                        stack.enter_context(align_module_device(sub, torch.device("cpu")))
+            with hf.weights_on_cpu(mod):
                 for name, p in sorted(mod.named_parameters()):
                     flat = p.detach().reshape(-1)
                     step = max(1, flat.numel() // 4096)
@@ -187,12 +170,7 @@ class Backbone:
         return h.hexdigest()[:16]
 
 
-def execution_device(module: torch.nn.Module) -> torch.device:
-    """Where a module computes: accelerate's hook device when weights are offloaded, else its weights'."""
-    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-    if dev is not None:
-        return dev if isinstance(dev, torch.device) else torch.device(dev)
-    return next(module.parameters()).device
+execution_device = hf.execution_device  # re-exported: tests and callers used it from here
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -247,11 +225,6 @@ def load_model(
     fast: give the linear layers the kernels measured fastest on this CPU (kernels.py; no effect
     on GPUs). compile: torch.compile each step kind once (compiled.py).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one bar per load is noise in a CLI that loads once
-
     p = Path(path)
     if not p.is_dir():
         raise SparkeeError(f"model directory '{path}' does not exist")
@@ -260,7 +233,7 @@ def load_model(
             f"model directory '{path}' has no config.json, so it is not a Hugging Face checkpoint"
         )
     try:
-        config = AutoConfig.from_pretrained(p)
+        config = hf.load_config(p)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         raise SparkeeError(f"cannot read the config in '{path}': {str(e).splitlines()[0]}") from None
     check_architecture(config)
@@ -268,9 +241,7 @@ def load_model(
     if device_map is None:
         check_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            p, dtype=torch_dtype, device_map=device_map, attn_implementation="sdpa", **kwargs
-        )
+        model = hf.load_causal_lm(p, torch_dtype, device_map, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise SparkeeError(f"cannot load the weights in '{path}': {str(e).splitlines()[0]}") from None
     if device_map is None:

@@ -5,9 +5,10 @@ length, and in a batch each row its own. The deep layers of a row are always mis
 contiguous tail of its positions (see generate.py), so these lengths describe the whole state,
 and rolling a row back is setting its lengths.
 
-transformers' attention modules call `update(key, value, layer_idx)`. Before running layers the
-decode loop tells the cache which batch rows the pass holds and how many new positions each row
-brings (`begin_pass`); `update` writes each row's positions at that row's length and returns the
+transformers' attention modules call `update(key, value, layer_idx, ...)` (the protocol, and the
+call forms of each release, are in hf.py). Before running layers the decode loop tells the cache
+which batch rows the pass holds and how many new positions each row brings (`begin_pass`); each
+call writes each row's positions at that row's length and returns the
 keys and values of the rows in the pass, up to the longest row. Rows in a pass are left-aligned:
 row j's real positions come first, padding after; padding is never written.
 """
@@ -16,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from .hf import CacheProtocol
 
-class LayeredKVCache:
-    is_compileable = False
 
+class LayeredKVCache(CacheProtocol):
     def __init__(
         self,
         num_layers: int,
@@ -69,7 +70,7 @@ class LayeredKVCache:
             idx = self._index[device] = torch.tensor(self._rows, device=device)
         return idx
 
-    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+    def write(self, key_states, value_states, layer_idx: int):
         # key_states: [R, kv_heads, r, head_dim]; row j's first counts[j] positions are real
         K, V = self.keys[layer_idx], self.values[layer_idx]
         if self._slots is not None:

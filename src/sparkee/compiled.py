@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .hf import call_layer
+
 
 class CompiledBlocks:
     def __init__(self, bb, mode: str | None = None, backend: str = "inductor") -> None:
@@ -34,15 +36,7 @@ class CompiledBlocks:
 
             def block(h, mask, position_ids, position_embeddings, cache):
                 for layer in layers:
-                    out = layer(
-                        h,
-                        attention_mask=mask,
-                        position_ids=position_ids,
-                        past_key_values=cache,
-                        use_cache=True,
-                        position_embeddings=position_embeddings,
-                    )
-                    h = out[0] if isinstance(out, tuple) else out
+                    h = call_layer(layer, h, mask, position_ids, position_embeddings, cache)
                 return h
 
             fn = self._fns[(a, b)] = torch.compile(block, mode=self.mode, backend=self.backend, dynamic=False)

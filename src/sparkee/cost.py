@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from . import hf
+
 CALIBRATION_VERSION = 4
 # rows of a layer pass that are measured; others interpolated (a fixed-exit flush can be long)
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
@@ -112,7 +114,7 @@ def new_meter(bb) -> CostMeter:
     return CostMeter(
         layer_params=bb.layer_params,
         kv_per_pos=[2 * bb.num_kv_heads * bb.head_dim] * bb.num_layers,
-        attn_width=bb.config.num_attention_heads * bb.head_dim,
+        attn_width=bb.shape.num_heads * bb.head_dim,
         hidden=bb.hidden_size,
         vocab=bb.vocab_size,
     )
@@ -209,7 +211,6 @@ def machine_id() -> str:
 
 
 def calibration_key(bb) -> dict:
-    c = bb.config
     dev = torch.device(bb.device)
     machine = machine_id()
     if dev.type == "cuda":
@@ -220,8 +221,8 @@ def calibration_key(bb) -> dict:
         "arch": bb.architecture,
         "layers": bb.num_layers,
         "hidden": bb.hidden_size,
-        "intermediate": getattr(c, "intermediate_size", None),
-        "heads": c.num_attention_heads,
+        "intermediate": bb.shape.intermediate_size,
+        "heads": bb.shape.num_heads,
         "kv_heads": bb.num_kv_heads,
         "head_dim": bb.head_dim,
         "vocab": bb.vocab_size,
@@ -229,7 +230,7 @@ def calibration_key(bb) -> dict:
         "device": dev.type,
         "torch": torch.__version__,
         "kernels": bb.kernel_signature(),
-        "device_map": bool(getattr(bb.model, "hf_device_map", None)),
+        "device_map": hf.has_device_map(bb.model),
     }
 
 
@@ -328,12 +329,11 @@ def calibrate(bb, progress: bool = True, rows: tuple[int, ...] = ROWS, budget_s:
     moving a point. The overheads are what the generations took beyond the passes the table
     predicts for them, with both measured in the same rounds.
     """
-    from tqdm.auto import tqdm
-
     from .cache import LayeredKVCache
     from .generate import GenerationConfig, context_limit, generate
     from .heads import ExitHeads
     from .kernels import fast_linear
+    from .progress import Progress
     from .schedule import Interleave
 
     N, H, V = bb.num_layers, bb.hidden_size, bb.vocab_size
@@ -359,10 +359,7 @@ def calibrate(bb, progress: bool = True, rows: tuple[int, ...] = ROWS, budget_s:
                 x = randn(1, r, H)
                 pids = torch.arange(ctx, ctx + r, device=bb.device)[None]
                 pe = bb.rope(x, pids)
-                mask = None
-                if r > 1:  # the engine's offset causal mask
-                    q = torch.arange(ctx, ctx + r, device=bb.device)[:, None]
-                    mask = (torch.arange(ctx + r, device=bb.device)[None] <= q)[None, None]
+                mask = hf.attention_mask([ctx], [r], r, bb.device)  # the engine's offset causal mask
 
                 def one_pass(x=x, mask=mask, pids=pids, pe=pe, r=r, cache=cache, ctx=ctx):
                     cache.begin_pass([0], [r], [ctx])
@@ -414,7 +411,7 @@ def calibrate(bb, progress: bool = True, rows: tuple[int, ...] = ROWS, budget_s:
         rounds = int(min(41, max(5, budget_s / max(per_round, 1e-6))))
         samples: dict[tuple, list[float]] = {p: [] for p in points}
         gens: dict[str, list] = {k: [] for k in runs}
-        for _ in tqdm(range(rounds), desc="calibrating", disable=not progress, leave=False, file=sys.stderr):
+        for _ in Progress(range(rounds), desc="calibrating", enabled=progress, leave=False):
             for p, fn in points.items():
                 t = time.perf_counter()
                 fn()

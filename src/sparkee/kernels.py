@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import cost
+from . import cost, hf
 
 KERNELS = ("plain", "packed", "rowwise")
 MEASURED_ROWS = (1, 2, 4, 8)
@@ -147,14 +147,9 @@ def measure_shape(
 def _linear_groups(bb) -> dict[tuple, list[tuple[torch.nn.Module, str, torch.nn.Linear]]]:
     """The model's linear layers (decoder layers and output projection) grouped by weight shape."""
     groups = defaultdict(list)
-    for layer in bb.layers:
-        for parent in layer.modules():
-            for name, child in parent.named_children():
-                if isinstance(child, torch.nn.Linear):
-                    key = (*child.weight.shape, child.bias is not None)
-                    groups[key].append((parent, name, child))
-    head = bb.lm_head
-    groups[(*head.weight.shape, head.bias is not None, "lm_head")].append((bb.model, "lm_head", head))
+    for parent, name, child, is_head in hf.linear_slots(bb.model):
+        key = (*child.weight.shape, child.bias is not None) + (("lm_head",) if is_head else ())
+        groups[key].append((parent, name, child))
     return groups
 
 
@@ -180,7 +175,7 @@ def kernels_key(bb) -> dict:
 
 def optimize(bb, progress: bool = True) -> dict[str, list[str]]:
     """Give every linear layer of `bb` its measured-fastest kernels (CPU only); returns the choice."""
-    if torch.device(bb.device).type != "cpu" or getattr(bb.model, "hf_device_map", None):
+    if torch.device(bb.device).type != "cpu" or hf.has_device_map(bb.model):
         return {}
     if bb.dtype == torch.bfloat16 and not native_bf16():
         _maybe_upcast(bb, progress)
@@ -203,7 +198,7 @@ def optimize(bb, progress: bool = True) -> dict[str, list[str]]:
         if ch is None or all(c == "plain" for c in ch):
             continue
         for parent, name, child in mods:
-            setattr(parent, name, FastLinear(child.weight, child.bias, ch))
+            hf.replace_module(parent, name, FastLinear(child.weight, child.bias, ch))
     bb.refresh_modules()
     bb.set_kernel_choice({k: list(v) for k, v in choice.items()})
     return bb.kernel_choice

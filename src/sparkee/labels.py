@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
+from . import hf
 from .backbone import Backbone
 from .generate import GenerationConfig, generate
 from .heads import ExitHeads
+from .progress import Progress
 from .sources import PromptItem
 
 
@@ -102,9 +103,8 @@ def collect_labels(
     for n, item, res in zip(indices, prompts, results, strict=True):
         seq = item.ids + res.tokens[:-1]  # step k fed position len(prompt) - 1 + k
         with torch.inference_mode():
-            out = bb.model(torch.tensor([seq], device=bb.device), output_hidden_states=True, use_cache=False)
-        rows = slice(len(item.ids) - 1, len(seq))
-        hs = out.hidden_states  # hs[L] = state after L layers; hs[-1] is already normalised
+            hs = hf.all_hidden_states(bb.model, torch.tensor([seq], device=bb.device))
+        rows = slice(len(item.ids) - 1, len(seq))  # hs[L]: after L layers; hs[-1] already normalised
         parts.append(
             Labels(
                 layers,
@@ -123,7 +123,7 @@ def _generate_all(bb: Backbone, prompts: list[PromptItem], cfg_for, batch_size: 
     from .generate import generate_batch
 
     results: list = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, leave=False) as bar:
+    with Progress(total=len(prompts), desc=desc, leave=False) as bar:
         for start in range(0, len(prompts), batch_size):
             groups: dict[str, list[int]] = {}
             for k in range(start, min(start + batch_size, len(prompts))):

@@ -13,18 +13,18 @@ from collections.abc import Sequence
 
 import torch
 
+from . import hf
 from .errors import SparkeeError
 
 
 def scripted_model(script: Sequence[int], vocab_size: int, layers: int = 4):
     """A LlamaForCausalLM over `vocab_size` tokens whose greedy continuation of script[0] is script[1:]."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     nxt: dict[int, int] = {}
     for a, b in zip(script, script[1:], strict=False):
         if nxt.setdefault(a, b) != b:
             raise SparkeeError(f"the script repeats token {a} with two different successors")
-    cfg = LlamaConfig(
+    cfg = hf.make_config(
+        "LlamaForCausalLM",
         vocab_size=vocab_size,
         hidden_size=vocab_size,
         intermediate_size=8,
@@ -35,16 +35,16 @@ def scripted_model(script: Sequence[int], vocab_size: int, layers: int = 4):
         tie_word_embeddings=False,
         rms_norm_eps=1e-6,
     )
-    cfg.architectures = ["LlamaForCausalLM"]
-    model = LlamaForCausalLM(cfg).eval()
+    model = hf.model_from_config(cfg).eval()
+    p = hf.parts(model)
     with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(torch.eye(vocab_size))
-        for layer in model.model.layers:
+        p.embed_tokens.weight.copy_(torch.eye(vocab_size))
+        for layer in p.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-        model.model.norm.weight.fill_(1.0)
+        p.norm.weight.fill_(1.0)
         head = torch.zeros(vocab_size, vocab_size)
         for a, b in nxt.items():
             head[b, a] = 50.0  # logit of b given a; the RMS norm scales one-hots by sqrt(vocab)
-        model.lm_head.weight.copy_(head)
+        p.lm_head.weight.copy_(head)
     return model

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .errors import SparkeeError
 from .generate import GenerationConfig
 from .heads import ExitHeads
 from .labels import Labels, collect_labels, layer_metrics, teacher_logits
+from .progress import Progress
 from .sources import PromptItem, prompts_digest
 
 WARMUP_STEPS = 20
@@ -174,7 +174,7 @@ def distill(
     per_epoch = max(1, len(train) // batch_size)
     order = None
     end = steps if stop_after is None else min(steps, start + stop_after)
-    bar = tqdm(range(start, end), desc="train heads", initial=start, total=steps, disable=not is_main)
+    bar = Progress(range(start, end), desc="train heads", initial=start, total=steps, enabled=is_main)
     for step in bar:
         epoch, k = divmod(step, per_epoch)
         if order is None or k == 0 or step == start:

@@ -21,12 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..backbone import Backbone
 from ..errors import SparkeeError
 from ..generate import GenerationConfig, check_config, generate
 from ..heads import ExitHeads
+from ..progress import Progress
 from ..schedule import parse_pair, parse_policy
 from ..sources import PromptItem
 from .measures import Measures
@@ -398,7 +397,7 @@ def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
         for row in run.rows
         if _key(row, i) not in done or "error" in done[_key(row, i)]
     ]
-    with path.open("a") as f, tqdm(total=len(todo), desc="eval", disable=not progress, unit="run") as bar:
+    with path.open("a") as f, Progress(total=len(todo), desc="eval", enabled=progress, unit="run") as bar:
         for row, items in _batches(run, todo):
             try:
                 recs = evaluate_batch(run, row, items)
@@ -421,7 +420,7 @@ def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
             f.flush()
             bar.update(len(items))
         pending = [k for k, r in done.items() if r.get("audio_pending") and "error" not in r]
-        for key in tqdm(pending, desc="audio measures", disable=not progress or not pending, unit="clip"):
+        for key in Progress(pending, desc="audio measures", enabled=progress and bool(pending), unit="clip"):
             rec = done[key]
             try:
                 rec = audio_measures(run, rec, run.prompts[rec["example"]])

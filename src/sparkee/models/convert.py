@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from .. import hf
 from ..errors import SparkeeError
 from .tokens import find_token_ids
 
@@ -283,9 +284,7 @@ def carry_files(
 
 def write_generation_config(dst: Path, values: dict) -> None:
     """generation_config.json through transformers' own class (it validates the values)."""
-    from transformers import GenerationConfig
-
-    GenerationConfig(**values).save_pretrained(dst)
+    hf.write_generation_config(dst, values)
 
 
 def write_readme(dst: Path, report: dict) -> None:
@@ -487,8 +486,6 @@ def glm_config_from_chatglm(cfg: dict, eos_ids: list[int] | None = None):
 
     `eos_ids` stands in for a config without `eos_token_id` (else the tokenizer files are read by
     the caller); the rotary base (`rope_ratio`) and context length (`seq_length`) are never guessed."""
-    from transformers import GlmConfig
-
     _require(cfg, GLM_CONFIG_KEYS, "ChatGLM")
     if "rope_ratio" not in cfg:
         raise _missing_field(
@@ -535,7 +532,8 @@ def glm_config_from_chatglm(cfg: dict, eos_ids: list[int] | None = None):
     pad = cfg.get("pad_token_id")
     if pad is None or not 0 <= int(pad) < vocab:
         pad = eos[0]
-    c = GlmConfig(
+    c = hf.make_config(
+        "GlmForCausalLM",
         vocab_size=vocab,
         hidden_size=int(cfg["hidden_size"]),
         intermediate_size=int(cfg["ffn_hidden_size"]),
@@ -555,7 +553,6 @@ def glm_config_from_chatglm(cfg: dict, eos_ids: list[int] | None = None):
         eos_token_id=list(eos),
         tie_word_embeddings=False,
     )
-    c.architectures = ["GlmForCausalLM"]
     if cfg.get("torch_dtype"):
         c.dtype = cfg["torch_dtype"]
     return c
@@ -698,8 +695,6 @@ def qwen2_config_from_step(cfg: dict, eos_ids: list[int], set_config: dict | Non
 
     `set_config` (the CLI's --set) fills or overrides language-model fields; the rotary base, the
     context length, the norm epsilon and the KV head count are never guessed."""
-    from transformers import Qwen2Config
-
     llm = {**step_llm_config(cfg), **(set_config or {})}
     what = "Step-Audio-2 language-model"
     _require(llm, STEP_LLM_KEYS, what)
@@ -724,7 +719,8 @@ def qwen2_config_from_step(cfg: dict, eos_ids: list[int], set_config: dict | Non
     pad = llm.get("pad_token_id")
     if pad is None or not 0 <= int(pad) < vocab:
         pad = eos_ids[0]
-    c = Qwen2Config(
+    c = hf.make_config(
+        "Qwen2ForCausalLM",
         vocab_size=vocab,
         hidden_size=int(llm["hidden_size"]),
         intermediate_size=int(llm["intermediate_size"]),
@@ -740,7 +736,6 @@ def qwen2_config_from_step(cfg: dict, eos_ids: list[int], set_config: dict | Non
         eos_token_id=list(eos_ids),
         pad_token_id=int(pad),
     )
-    c.architectures = ["Qwen2ForCausalLM"]
     dtype = llm.get("torch_dtype")
     if dtype:
         c.dtype = dtype

@@ -349,8 +349,9 @@ def train(
     threads: int = 2,
     progress: bool = True,
 ) -> dict:
-    from tqdm.auto import tqdm
     from transformers import Qwen2ForCausalLM
+
+    from ..progress import Progress
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -392,7 +393,7 @@ def train(
     factor = lr_schedule(total, warm)
     model.train()
     t_start = time.time() - state["elapsed_s"]
-    bar = tqdm(total=state["total_steps"], initial=state["step"], disable=not progress, desc="refslm train")
+    bar = Progress(total=state["total_steps"], initial=state["step"], enabled=progress, desc="refslm train")
     tok_window: list[tuple[float, int]] = []
     while state["step"] < state["total_steps"]:
         step = state["step"]
