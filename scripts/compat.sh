@@ -57,8 +57,16 @@ case "$MODE" in
     quiet "$BIN/pip" install -q -c "$FREE" -e ".[dev]" "${pins[@]}"
     ;;
   torch)
-    grep -v -E '^torch==' "$LOCK" > "$FREE"
     quiet "$BIN/pip" install -q "torch==$TORCH"
+    # the lock less torch and what this torch itself pins (sympy, triton, ...); torch held where it is
+    held=$("$BIN/python" - <<'EOF'
+import re
+from importlib.metadata import requires
+names = {re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0].lower() for r in requires("torch") or []}
+print("|".join(re.sub(r"[-_.]", "[-_.]", n) for n in sorted(names | {"torch"})))
+EOF
+)
+    { grep -v -i -E "^($held)==" "$LOCK"; echo "torch==$TORCH"; } > "$FREE"
     # the user's way: sparkee without touching their torch, its other dependencies from the lock
     quiet "$BIN/pip" install -q --no-deps -e .
     deps=$("$BIN/python" - <<'EOF'
@@ -70,6 +78,11 @@ EOF
     # shellcheck disable=SC2086
     quiet "$BIN/pip" install -q -c "$FREE" $deps
     TESTS=(tests)
+    have=$("$BIN/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+    if [ "$have" != "$TORCH" ]; then
+      echo "compat[torch]: installing sparkee's dependencies replaced torch $TORCH by $have" >&2
+      exit 1
+    fi
     ;;
 esac
 rm -f "$FREE"
