@@ -3,6 +3,7 @@
 from . import hf
 from .accept import AcceptRule, parse_accept
 from .backbone import SUPPORTED_ARCHITECTURES, Backbone, load_model, wrap_model
+from .engine import Engine
 from .errors import SparkeeError
 from .generate import (
     BatchGeneration,
@@ -25,6 +26,7 @@ __all__ = [
     "BatchGeneration",
     "Backbone",
     "Emitted",
+    "Engine",
     "ExitHeads",
     "Generation",
     "GenerationConfig",

@@ -670,6 +670,30 @@ def layer_report(
     typer.echo(f"wrote {out}/layer_report.json, layer_report.md, layer_report.png")
 
 
+@app.command("export-draft")
+@friendly
+def export_draft_cmd(
+    model: Path = typer.Option(..., "--model", help="Checkpoint directory of the model."),
+    heads: str = typer.Option(..., "--heads", help="Heads file (full head) or 'logit-lens'."),
+    layer: int = typer.Option(..., "--layer", help="Exit layer L: the draft runs layers 1..L and its head."),
+    out: Path = typer.Option(..., "--out", help="New directory for the draft checkpoint."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's own)."
+    ),
+) -> None:
+    """Write layers 1..L plus the exit head for L as a standard checkpoint of the same architecture:
+    a draft model for transformers' assisted generation and vLLM's speculative decoding."""
+    from .export import export_draft
+
+    path = export_draft(model, heads, layer, out, dtype)
+    info = json.loads((path / "sparkee_draft.json").read_text())
+    typer.echo(
+        f"wrote {path}: {info['head_type']} draft, layers 1..{layer} of {info['source_num_layers']} "
+        f"({info['dtype']}); use it as a draft model, e.g. vLLM speculative_config="
+        f'{{"method": "draft_model", "model": "{path}", "num_speculative_tokens": 3}}'
+    )
+
+
 def _measure_notes(model: Path, batch_size: int = 1) -> str:
     batched = (
         f" Examples were decoded {batch_size} at a time, so speed-ups are those of batched decoding."
@@ -850,7 +874,7 @@ def heads_identity(spec: str) -> str:
 
 def _run_and_report(run: EvalRun, manifest: dict, fresh: bool, title: str, notes: str) -> None:
     """Run (or resume) an evaluation, write the report, print the table and any failures."""
-    from .eval.harness import code_version, failures, prepare_out, run_eval, summarize
+    from .eval.harness import code_version, failures, prepare_out, run_eval, summarize, timing_warning
     from .eval.report import markdown_table, write_report
 
     prepare_out(run.out, manifest | {"code": code_version()}, fresh)
@@ -858,6 +882,9 @@ def _run_and_report(run: EvalRun, manifest: dict, fresh: bool, title: str, notes
     summary = summarize(records, run.rows, run.bb.num_layers)
     write_report(summary, records, run.out, run.bb.num_layers, title, notes)
     typer.echo(markdown_table(summary))
+    warning = timing_warning(summary)  # also in table.md, report.html and summary.json (timing_suspect)
+    if warning:
+        typer.echo(warning, err=True)
     failed, dead = failures(records, run.rows)
     if failed:
         first = failed[0]
@@ -958,6 +985,161 @@ def demo(
     # a demo measures speed in one run: it always starts afresh
     _run_and_report(run, manifest, True, "sparkee demo: reference SLM", _measure_notes(model, batch_size))
     typer.echo(f"wrote {out}/summary.json, table.md, report.html and WAVs under {out}/audio")
+
+
+@app.command()
+@friendly
+@decoding_options
+def serve(
+    model: Path = typer.Option(
+        ..., "--model", help="Hugging Face checkpoint directory (Qwen2, Llama or Glm layout)."
+    ),
+    heads: str = typer.Option(
+        "logit-lens", "--heads", help="Exit heads file (.safetensors), 'logit-lens' or 'bundled'."
+    ),
+    speech_policy: str = typer.Option(
+        None, "--speech-policy", help=f"Default speech policy: {POLICY_SYNTAX} (requests may pick another)."
+    ),
+    text_policy: str = typer.Option(None, "--text-policy", help="Default text policy, same syntax."),
+    max_new_tokens: int = typer.Option(
+        None,
+        "--max-new-tokens",
+        help="Answer length when a request gives no max_tokens (default: the model's).",
+    ),
+    temperature: float = typer.Option(None, "--temperature", help="Default temperature (0 = greedy)."),
+    top_p: float = typer.Option(None, "--top-p", help="Default nucleus sampling mass."),
+    top_k: int = typer.Option(None, "--top-k", help="0 = off (the default)."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Verified mode by default (requests may turn it off)."
+    ),
+    accept: str = typer.Option(None, "--accept", help=f"Default acceptance rule: {ACCEPT_SYNTAX}."),
+    unit_distance: UnitDistanceOpt = None,
+    repetition_penalty: RepetitionOpt = None,
+    speech_vocab_only: bool = typer.Option(
+        False, "--speech-vocab-only", help="At speech steps project onto speech and control ids only."
+    ),
+    vocab_audit: bool = typer.Option(
+        True, "--vocab-audit/--no-vocab-audit", help="Count tokens --speech-vocab-only changed."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on (loopback by default; others are your choice)."
+    ),
+    port: int = typer.Option(8000, "--port"),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", help="Requests decoded together at most."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting at most (beyond: HTTP 429)."),
+    max_len: int = typer.Option(
+        None, "--max-len", help="Positions per row, prompt + answer (default: the model's, at most 2048)."
+    ),
+    served_model_name: str = typer.Option(
+        None,
+        "--served-model-name",
+        help="The model's name in the API (default: the preset's or the directory's).",
+    ),
+    api_key: str = typer.Option(None, "--api-key", help="Require Authorization: Bearer KEY on /v1/."),
+    vocoder: str = typer.Option(
+        "auto", "--vocoder", help="refslm-espeak | module:attr | none (auto: espeak for the reference SLM)."
+    ),
+    request_timeout: float = typer.Option(
+        600.0, "--request-timeout", help="Seconds before a request is dropped."
+    ),
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    compile_steps: CompileOpt = False,
+    plain_kernels: PlainKernelsOpt = False,
+    no_calibrate: NoCalibrateOpt = False,
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        help="torch CPU threads (default: every core but one, which the HTTP side and vocoder need).",
+    ),
+    *,
+    decoding: DecodingArgs,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat completions with streamed text and
+    audio, completions, metrics, a browser page) with continuous batching."""
+    from .backbone import load_model
+    from .heads import resolve_heads
+    from .profiles import resolve_config
+    from .schedule import parse_policy
+
+    for spec in (speech_policy, text_policy):
+        if spec is not None:
+            parse_policy(spec)
+    if accept is not None:
+        from .accept import parse_accept
+
+        parse_accept(accept)
+    check_at_least(max_batch_size, 1, "--max-batch-size")
+    check_at_least(max_queue, 0, "--max-queue")
+    check_at_least(max_len, 2, "--max-len")
+    check_at_least(max_new_tokens, 1, "--max-new-tokens")
+    if not 0 <= port <= 65535:
+        raise SparkeeError(f"--port must be between 0 and 65535, got {port}")
+    if not (math.isfinite(request_timeout) and request_timeout > 0):
+        raise SparkeeError(f"--request-timeout must be a positive number of seconds, got {request_timeout}")
+    if served_model_name is not None and not served_model_name.strip():
+        raise SparkeeError("--served-model-name is empty: give a name or leave the option out")
+    from . import serve as serving
+
+    serving._imports()  # the serve extra, before the model loads
+    check_at_least(threads, 1, "--threads")
+    import os
+
+    import torch
+
+    # an OpenMP pool on every core spins while the engine thread waits, starving the event loop
+    # and the vocoder: on 2 cores one torch thread served 2.6x the tokens/s of two (bench/serve_load.py)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    overrides = decoding.overrides()
+    bb = load_model(model, dtype=dtype, device=device, fast=not plain_kernels, compile=compile_steps)
+    profile = decoding.profile(model, bb)
+    cfg = resolve_config(
+        profile,
+        overrides
+        | {
+            "max_new_tokens": max_new_tokens,
+            "speech_policy": speech_policy,
+            "text_policy": text_policy,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "verify": verify or None,
+            "accept": accept,
+            "unit_distance": unit_distance,
+            "repetition_penalty": repetition_penalty,
+            "speech_vocab_only": speech_vocab_only or None,
+            "audit_vocab": None if vocab_audit else False,
+        },
+    )
+    if heads == "bundled":
+        heads = str(profile.heads) if getattr(profile, "heads", None) else "logit-lens"
+    exit_heads = resolve_heads(heads, bb)
+    server = serving.build_server(
+        bb,
+        exit_heads,
+        profile,
+        cfg,
+        served_model_name,
+        max_batch_size,
+        max_queue,
+        max_len,
+        vocoder,
+        api_key,
+        request_timeout,
+        calibrate=not no_calibrate,
+    )
+    if host not in serving.LOOPBACK:
+        typer.echo(
+            f"warning: listening on {host}, reachable from other machines"
+            + ("" if api_key else " without an API key (--api-key)"),
+            err=True,
+        )
+    typer.echo(
+        f"sparkee serve: {server.model_name} ({bb.num_layers} layers) on http://{host}:{port} "
+        f"(batch {max_batch_size}, queue {max_queue}, audio {'on' if server.audio else 'off'})",
+        err=True,
+    )
+    serving.run(server, host, port)
 
 
 def print_stats(stats: dict) -> None:

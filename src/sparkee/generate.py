@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cost
+from . import cost, hf
 from .accept import EXACT, AcceptRule, criterion, parse_accept, resolve_distance
 from .backbone import Backbone
 from .cache import LayeredKVCache, RowView
@@ -53,7 +53,7 @@ from .schedule import (
     next_modality,
     parse_policy,
 )
-from .trace import StepRecord, compute_stats
+from .trace import StepRecord
 
 
 @dataclass
@@ -299,35 +299,50 @@ class _Carry:
 
 
 class _Run:
-    """A batch in flight: the plan, each row's trace, the cache and the kept states of pending positions."""
+    """A batch in flight: a fixed number of row slots, each with its own plan and trace (None when
+    free), the cache and the kept states of pending positions. `plan` is the batch's shared plan
+    (backbone, heads, the vocabulary restriction every row follows); `plans[b]` is row b's own."""
 
-    def __init__(self, plan: Plan, prompts: list[list[int]], seeds: list[int | None]) -> None:
-        bb, cfg = plan.bb, plan.cfg
-        B = len(prompts)
+    def __init__(self, plan: Plan, capacity: int, max_len: int) -> None:
+        bb = plan.bb
         self.plan = plan
+        self.capacity, self.max_len = capacity, max_len
         self.static = bb.compiled  # compiled step kinds need fixed shapes: a static cache
         self.cache = LayeredKVCache(
             bb.num_layers,
-            plan.max_len,
+            max_len,
             bb.num_kv_heads,
             bb.head_dim,
             bb.dtype,
             bb.layer_devices,
-            B,
+            capacity,
             self.static,
         )
         # state of each pending position at its first missing layer
-        self.pend_h = torch.zeros(B, plan.max_len, bb.hidden_size, dtype=bb.dtype, device=bb.device)
-        self.traces = []
-        self.meters = [cost.new_meter(bb) for _ in range(B)]  # each row's passes, as if alone
+        self.pend_h = torch.zeros(capacity, max_len, bb.hidden_size, dtype=bb.dtype, device=bb.device)
+        self.plans: list[Plan | None] = [None] * capacity
+        self.traces: list[Trace | None] = [None] * capacity
+        self.meters = [cost.new_meter(bb) for _ in range(capacity)]  # each row's passes, as if alone
         self.batch_meter = cost.new_meter(bb)  # the passes the batch actually ran
-        for p, seed in zip(prompts, seeds, strict=True):
-            gen = None
-            if cfg.temperature > 0:  # a private generator: never reseeds torch's global one
-                gen = torch.Generator(device="cpu")
-                gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-            self.traces.append(Trace(len(p), [int(t) for t in p], gen=gen))
         self._masks: dict = {}
+
+    def open(self, b: int, plan: Plan, prompt: list[int], seed: int | None) -> Trace:
+        """Give free slot b to a new sequence (its prompt not yet prefilled)."""
+        gen = None
+        if plan.cfg.temperature > 0:  # a private generator: never reseeds torch's global one
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        self.release(b)
+        self.plans[b] = plan
+        tr = self.traces[b] = Trace(len(prompt), [int(t) for t in prompt], gen=gen)
+        return tr
+
+    def release(self, b: int) -> None:
+        """Free slot b: its KV lengths go to 0 (the buffers are reused as they are)."""
+        for lens, shift in zip(self.cache.lens, self.cache.shift, strict=True):
+            lens[b] = shift[b] = 0
+        self.plans[b] = self.traces[b] = None
+        self.meters[b].reset()
 
     # -- layers ---------------------------------------------------------------------------------
 
@@ -400,43 +415,17 @@ class _Run:
         kv_end = max(n + c for n, c in zip(lens, carry.count, strict=True))
         for row, n, c in zip(carry.rows, lens, carry.count, strict=True):
             self.meters[row].layers(a, b, c, n + c)
-        if len(self.traces) > 1:  # one sequence: its own meter says it all
+        if self.capacity > 1:  # one sequence: its own meter says it all
             self.batch_meter.layers(a, b, R * r, kv_end, seqs=R)
         return _Carry(carry.rows, h, carry.start, carry.count)
 
     def _mask(self, lens: list[int], counts: list[int], r: int) -> torch.Tensor | None:
-        """[R, 1, r, kv_len] bool (True = attend): query j of row k sees slots <= lens[k] + j."""
-        kv_len = max(n + c for n, c in zip(lens, counts, strict=True))
-        if r == 1 and all(n + 1 == kv_len for n in lens):
-            return None  # one new position per row, every row as long: nothing to hide
-        if len(lens) == 1 and lens[0] == 0:
-            return None  # a prefill from slot 0: is_causal does it
-        key = (tuple(lens), r, kv_len)
-        m = self._masks.get(key)
-        if m is None:
-            dev = self.plan.bb.device
-            q = torch.tensor(lens, device=dev)[:, None] + torch.arange(r, device=dev)  # [R, r]
-            m = torch.arange(kv_len, device=dev)[None, None, :] <= q[:, :, None]
-            m = self._masks[key] = m[:, None]
-            if len(self._masks) > 64:
-                self._masks.pop(next(iter(self._masks)))
-        return m
+        """[R, 1, r, kv_len] bool (True = attend) or None: query j of row k sees slots <= lens[k] + j."""
+        return hf.attention_mask(lens, counts, r, self.plan.bb.device, self._masks)
 
     def _static_mask(self, lens: list[int], counts: list[int], r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Static passes attend over the whole buffer: [R, 1, r, max_len + 1] mask and [R, r] write slots."""
-        key = ("static", tuple(lens), tuple(counts), r)
-        hit = self._masks.get(key)
-        if hit is None:
-            dev, cap = self.plan.bb.device, self.cache.max_len + 1
-            t = torch.arange(r, device=dev)
-            q = torch.tensor(lens, device=dev)[:, None] + t  # [R, r]
-            mask = (torch.arange(cap, device=dev)[None, None, :] <= q[:, :, None])[:, None]
-            real = t[None, :] < torch.tensor(counts, device=dev)[:, None]
-            slots = torch.where(real, q, torch.full_like(q, cap - 1))  # padding -> the scratch slot
-            hit = self._masks[key] = (mask, slots)
-            if len(self._masks) > 64:
-                self._masks.pop(next(iter(self._masks)))
-        return hit
+        return hf.static_mask(lens, counts, r, self.cache.max_len + 1, self.plan.bb.device, self._masks)
 
     # -- projections ----------------------------------------------------------------------------
 
@@ -458,7 +447,7 @@ class _Run:
         return None, bb.project(hn, plan.speech_set).float()
 
     def _meter_matrix(self, elements: int, rows: list[int], n: int, kind: str) -> None:
-        if len(self.traces) == 1:  # one sequence: its own meter says it all
+        if self.capacity == 1:  # one sequence: its own meter says it all
             self.meters[0].matrix(elements, n, kind)
             return
         per = {}
@@ -517,7 +506,7 @@ def _verify_one(plan: Plan, tr: Trace, pos: int, rec: StepRecord, logits, ids) -
 def _check_pending(run: _Run, b: int, full, restricted, first: int, start: int, n: int) -> bool:
     """Check row b's pending early tokens (positions start..start+n-1, at logits rows first..) and,
     in verified mode, roll back at the first rejection. Returns True when a rollback happened."""
-    plan, tr = run.plan, run.traces[b]
+    plan, tr = run.plans[b], run.traces[b]
     if n == 0:
         return False
     tr.refreshes += 1
@@ -565,7 +554,7 @@ class _RowPlan:
 
 
 def _prefill(run: _Run, b: int) -> None:
-    plan, tr = run.plan, run.traces[b]
+    plan, tr = run.plans[b], run.traces[b]
     bb, P = plan.bb, tr.prompt_len
     h = bb.embed(torch.tensor([tr.seq], device=bb.device))
     if plan.cfg.prefill_pool is None:
@@ -586,7 +575,7 @@ def _pooled_prefill(run: _Run, b: int, h: torch.Tensor, spec: PoolSpec) -> _Carr
     Layers after each pooling point run on the shorter sequence; `cache.shift` records how many
     positions each layer dropped, so later steps keep the usual positions P, P + 1, ...
     """
-    plan, tr, cache = run.plan, run.traces[b], run.cache
+    plan, tr, cache = run.plans[b], run.traces[b], run.cache
     bb, P, N = plan.bb, tr.prompt_len, plan.bb.num_layers
     ids = torch.tensor(tr.seq)
     lo, hi = plan.cfg.speech_ids
@@ -609,7 +598,7 @@ def _pooled_prefill(run: _Run, b: int, h: torch.Tensor, spec: PoolSpec) -> _Carr
 
 
 def _emit_full(run: _Run, b: int, full, restricted, j: int, state, modality: str, action: str, filled: int):
-    plan, tr = run.plan, run.traces[b]
+    plan, tr = run.plans[b], run.traces[b]
     logits, ids = _choice(plan, full, restricted, j, modality == "speech")
     logits = _penalize(logits, tr.seq, plan.cfg.repetition_penalty, ids)
     idx, _ = _draw(logits, plan.cfg, tr.gen)
@@ -625,7 +614,7 @@ def _emit_full(run: _Run, b: int, full, restricted, j: int, state, modality: str
 
 
 def _emit_early(run: _Run, b: int, logits: torch.Tensor, rp: _RowPlan, filled: int) -> None:
-    plan, tr = run.plan, run.traces[b]
+    plan, tr = run.plans[b], run.traces[b]
     cfg, ids = plan.cfg, plan.heads.token_ids
     logits = _penalize(logits, tr.seq, cfg.repetition_penalty, ids)
     idx, probs = _draw(logits, cfg, tr.gen)
@@ -641,7 +630,7 @@ def _emit_early(run: _Run, b: int, logits: torch.Tensor, rp: _RowPlan, filled: i
 
 
 def _plan_row(run: _Run, b: int) -> _RowPlan:
-    plan, tr = run.plan, run.traces[b]
+    plan, tr = run.plans[b], run.traces[b]
     state = tr.state(plan)
     modality = next_modality(plan.cfg.interleave, state)
     policy = plan.policy(modality)
@@ -740,8 +729,8 @@ def _flush(run: _Run, rows: list[int]) -> list[int]:
 
 
 def _unfinished(run: _Run, b: int) -> bool:
-    tr, cfg = run.traces[b], run.plan.cfg
-    return len(tr.records) < cfg.max_new_tokens and tr.records[-1].token not in run.plan.stop_ids
+    tr, plan = run.traces[b], run.plans[b]
+    return len(tr.records) < plan.cfg.max_new_tokens and tr.records[-1].token not in plan.stop_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,7 +829,7 @@ def make_plan(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig, prompt_len:
 
 def context_limit(bb: Backbone) -> int | None:
     """Longest sequence the model was built for (max_position_embeddings), if it says."""
-    n = getattr(bb.config, "max_position_embeddings", None) or getattr(bb.config, "seq_length", None)
+    n = bb.shape.context
     return int(n) if n else None
 
 
@@ -877,11 +866,14 @@ def _calibrate_wanted(cfg: GenerationConfig) -> bool:
 
 class BatchGeneration:
     """A streaming generation of one or more prompts: iterate for tokens as they are produced
-    (`Emitted.row` says whose), then call `results()`."""
+    (`Emitted.row` says whose), then call `results()`. A thin loop over `engine.Engine`: every
+    prompt prefilled alone, then steps until every row has stopped."""
 
     def __init__(
         self, bb: Backbone, heads: ExitHeads | None, prompts: Sequence[Sequence[int]], cfg: GenerationConfig
     ):
+        from .engine import Engine
+
         heads = heads if heads is not None else ExitHeads(bb, "logit-lens")
         if len(prompts) == 0:
             raise SparkeeError("no prompts to generate from")
@@ -889,94 +881,41 @@ class BatchGeneration:
             _check_prompt(bb, p, "the prompt" if len(prompts) == 1 else f"prompt {n + 1}")
         plan = make_plan(bb, heads, cfg, max(len(p) for p in prompts))
         self.calibration = cost.load_or_calibrate(bb, heads) if _calibrate_wanted(cfg) else None
-        seeds = [None if cfg.seed is None else cfg.seed + n for n in range(len(prompts))]
-        self._run = _Run(plan, [list(p) for p in prompts], seeds)
+        self._plan = plan
+        self._prompts = [list(p) for p in prompts]
+        self._seeds = [None if cfg.seed is None else cfg.seed + n for n in range(len(prompts))]
+        self._engine = Engine(bb, heads, cfg, len(prompts), plan.max_len, self.calibration)
         self._times = (0.0, 0.0)
         self._iter = self._loop()
 
     def __iter__(self) -> Iterator[Emitted]:
         return self._iter
 
-    def _confirmed(self, b: int, upto: int) -> Iterator[Emitted]:
-        tr = self._run.traces[b]
-        while tr.emitted < upto:
-            r = tr.records[tr.emitted]
-            yield Emitted(tr.emitted, r.token, r.modality, r.exit_layer, b)
-            tr.emitted += 1
-
-    def _stream(self, b: int) -> Iterator[Emitted]:
-        run = self._run
-        tr = run.traces[b]
-        # in verified mode, stream only what a full pass has confirmed
-        if not run.plan.cfg.verify or run.cache.next_position(run.plan.bb.num_layers - 1, b) >= tr.pos:
-            yield from self._confirmed(b, len(tr.records))
+    @property
+    def _run(self) -> _Run:  # the engine's batch (tests look at its meters)
+        return self._engine._run
 
     def _loop(self) -> Iterator[Emitted]:
-        run = self._run
-        B = len(run.traces)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            for b in range(B):
-                _prefill(run, b)
-            t1 = time.perf_counter()
-            # costs below are decode costs; the all-full baseline excludes prefill too
-            self._prefill_meters = [m.snapshot() for m in run.meters]
-            for m in [*run.meters, run.batch_meter]:
-                m.reset()
-            for b in range(B):
-                yield from self._confirmed(b, len(run.traces[b].records))
-            active = list(range(B))
-            while active:
-                finished = [b for b in active if not _unfinished(run, b)]
-                if finished:
-                    revived = _flush(run, finished)
-                    for b in finished:
-                        if b not in revived:
-                            run.traces[b].done = True
-                            yield from self._confirmed(b, len(run.traces[b].records))
-                    active = [b for b in active if not run.traces[b].done]
-                    for b in revived:
-                        yield from self._stream(b)
-                    continue
-                _step(run, active)
-                for b in active:
-                    yield from self._stream(b)
-            self._times = (t1 - t0, time.perf_counter() - t1)
+        eng = self._engine
+        t0 = time.perf_counter()
+        rows = [eng.add(p, seed=seed) for p, seed in zip(self._prompts, self._seeds, strict=True)]
+        assert rows == list(range(len(rows)))  # an empty engine fills its slots in order
+        t1 = time.perf_counter()
+        eng.reset_batch_meter()  # costs below are decode costs
+        yield from eng.drain()
+        while eng.active():
+            yield from eng.step().events
+        self._times = (t1 - t0, time.perf_counter() - t1)
 
     def results(self) -> list[GenerationResult]:
         for _ in self._iter:
             pass
-        run = self._run
         prefill_s, decode_s = self._times
-        plan = run.plan
-        N = plan.bb.num_layers
-        out = []
-        total_new = 0
-        for b, tr in enumerate(run.traces):
-            stats = compute_stats(tr, N, run.meters[b], decode_s, prefill_s, self.calibration, plan)
-            P = tr.prompt_len
-            stats["prefill_flops"] = 2 * self._prefill_meters[b]["macs"]
-            stats["prompt_len"] = P
-            stats["prompt_len_first_layer"] = P - run.cache.shift[0][b]
-            stats["prompt_len_last_layer"] = P - run.cache.shift[N - 1][b]
-            stats["kv_bytes"] = run.cache.nbytes(b)
-            total_new += max(len(tr.records) - 1, 0)
-            out.append(
-                GenerationResult(
-                    prompt=tr.seq[:P],
-                    tokens=tr.seq[P:],
-                    modalities=[r.modality for r in tr.records],
-                    exit_layers=[r.exit_layer for r in tr.records],
-                    steps=tr.records,
-                    stats=stats,
-                    cache=run.cache.row(b),
-                    meter=run.meters[b],
-                )
-            )
+        eng, plan = self._engine, self._plan
+        rows = list(range(len(self._prompts)))
+        out = [eng.result(b, decode_s, prefill_s, self.calibration, plan) for b in rows]
         if len(out) > 1:
-            batch = cost.batch_stats(
-                run.batch_meter, [tr for tr in run.traces], N, decode_s, self.calibration, plan
-            )
+            batch = eng.batch_stats(rows, decode_s, self.calibration, plan)
             for r in out:
                 r.stats.update(batch)
         return out

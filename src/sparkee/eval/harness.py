@@ -1,8 +1,10 @@
 """The paper's comparison on any model: decode every example under every policy, measure, resume.
 
 A *row* is one configuration of the paper's Table 2: an exit policy for text steps and one for
-speech steps (`SPEECH` or `TEXT|SPEECH`). Examples run round-robin over the rows, so drift in
-machine load hits every row alike, and each finished (row, example) result is appended to
+speech steps (`SPEECH` or `TEXT|SPEECH`). Examples (or batches of them) run round-robin over the
+rows, the rows' order turning by one every round and after an untimed warm-up of each row, so
+drift in machine load hits every row alike; a row whose measured speed-up still disagrees with its
+calibrated prediction (`timing_warning`) is named, with advice to rerun on a quiet machine. Each finished (row, example) result is appended to
 `results.jsonl` at once: a rerun skips what is there, Ctrl-C loses nothing finished, and an
 example that raises is recorded with its error while the run goes on (and is retried by a rerun).
 `manifest.json` records everything that determines a result (model, heads, data, decoding,
@@ -11,6 +13,7 @@ measures, code); a rerun with other settings is refused instead of mixing old an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from ..backbone import Backbone
 from ..errors import SparkeeError
-from ..generate import GenerationConfig, check_config, generate
+from ..generate import GenerationConfig, check_config, generate, generate_batch
 from ..heads import ExitHeads
 from ..progress import Progress
 from ..schedule import parse_pair, parse_policy
@@ -248,19 +251,39 @@ def evaluate_batch(run: EvalRun, row: Row, items: list[tuple[int, PromptItem]]) 
 
     Times are shared out: each example is charged its batch's decode and wall time divided by the
     batch's size (alone, that is its own time)."""
-    from ..generate import generate_batch
-
     cfg = _row_config(run.cfg_for(items[0][1]), row, run.verify)
     t0 = time.perf_counter()
-    if len(items) == 1:
-        results = [generate(run.bb, items[0][1].ids, cfg, heads=run.heads)]
-    else:
-        results = generate_batch(run.bb, [item.ids for _, item in items], cfg, heads=run.heads)
+    results = _decode(run, [item.ids for _, item in items], cfg)
     wall = (time.perf_counter() - t0) / len(items)
     return [
         _record(run, row, i, item, res, cfg, wall, len(items))
         for (i, item), res in zip(items, results, strict=True)
     ]
+
+
+def _decode(run: EvalRun, prompts: list[list[int]], cfg: GenerationConfig) -> list:
+    """The timed work of a unit: one prompt alone, several as one batch (tests wrap this)."""
+    if len(prompts) == 1:
+        return [generate(run.bb, prompts[0], cfg, heads=run.heads)]
+    return generate_batch(run.bb, prompts, cfg, heads=run.heads)
+
+
+WARMUP_TOKENS = 4
+
+
+def _warm_up(run: EvalRun, units: list[tuple[Row, list]]) -> None:
+    """Decode a few tokens of each row's first unit, untimed and discarded: the first calls of a
+    process and of each batch shape pay one-time costs (allocations, kernel set-up, with --compile
+    compilation) that would otherwise land on whichever row happens to run first."""
+    seen = set()
+    for row, items in units:
+        if row in seen:
+            continue
+        seen.add(row)
+        cfg = _row_config(run.cfg_for(items[0][1]), row, run.verify)
+        cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, WARMUP_TOKENS))
+        with contextlib.suppress(Exception):  # the timed run records any error, with its example
+            _decode(run, [item.ids for _, item in items], cfg)
 
 
 def _record(
@@ -309,23 +332,22 @@ def _record(
 
 
 def _batches(run: EvalRun, todo: list[tuple[int, PromptItem, Row]]) -> list[tuple[Row, list]]:
-    """Work units in round-robin order: chunks of `batch_size` examples, each chunk through every
-    row; inside a unit, examples share a decoding config (a prompt may fix its own format)."""
-    by_chunk: dict[tuple[int, Row], list] = {}
-    order: list[tuple[int, Row]] = []
+    """Work units in round-robin order: chunks of `batch_size` examples (one round per chunk),
+    each chunk through every row, the rows' order turning by one each round so that no row always
+    runs first or right after another; inside a unit, examples share a decoding config (a prompt
+    may fix its own format)."""
+    rounds: dict[int, dict[Row, list]] = {}
     for i, item, row in todo:
-        k = (i // run.batch_size, row)
-        if k not in by_chunk:
-            by_chunk[k] = []
-            order.append(k)
-        by_chunk[k].append((i, item))
+        rounds.setdefault(i // run.batch_size, {}).setdefault(row, []).append((i, item))
     units = []
-    for k in order:
-        groups: dict[str, list] = {}
-        for i, item in by_chunk[k]:
-            cfg = run.cfg_for(item)
-            groups.setdefault(repr(cfg.interleave), []).append((i, item))
-        units += [(k[1], g) for g in groups.values()]
+    for n, chunk in enumerate(rounds.values()):
+        rows = list(chunk)
+        k = n % len(rows)
+        for row in rows[k:] + rows[:k]:
+            groups: dict[str, list] = {}
+            for i, item in chunk[row]:
+                groups.setdefault(repr(run.cfg_for(item).interleave), []).append((i, item))
+            units += [(row, g) for g in groups.values()]
     return units
 
 
@@ -397,8 +419,10 @@ def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
         for row in run.rows
         if _key(row, i) not in done or "error" in done[_key(row, i)]
     ]
+    units = _batches(run, todo)
+    _warm_up(run, units)
     with path.open("a") as f, Progress(total=len(todo), desc="eval", enabled=progress, unit="run") as bar:
-        for row, items in _batches(run, todo):
+        for row, items in units:
             try:
                 recs = evaluate_batch(run, row, items)
             except Exception as e:  # noqa: BLE001 - one bad example must not end a long run
@@ -459,6 +483,30 @@ def _speech_early_steps(rec: dict, num_layers: int) -> int:
         1
         for layer, m in zip(rec["exit_layers"], rec["modalities"], strict=True)
         if m == "s" and layer < num_layers
+    )
+
+
+# measured / predicted speed-ups outside this band mean the timings are off (the machine's load
+# changed between rows, or the calibration is stale), not that the cost model is
+SANE_BAND = (0.75, 1.33)
+
+
+def timing_warning(summary: list[dict]) -> str | None:
+    """One warning naming every row whose measured speed-up left SANE_BAND of its calibrated
+    prediction (`timing_suspect` of `summarize`), or None when every row is in it (or none has both)."""
+    bad = [s for s in summary if s.get("timing_suspect")]
+    if not bad:
+        return None
+    rows = ", ".join(
+        f"'{s['policy']}' ({s['speedup']:.2f}x measured, {s['predicted_speedup']:.2f}x predicted)"
+        for s in bad
+    )
+    lo, hi = SANE_BAND
+    return (
+        f"warning: measured speed-ups disagree with the calibrated predictions (measured / predicted "
+        f"outside {lo}-{hi}) in {len(bad)} row{'s' if len(bad) > 1 else ''}: {rows}; the machine's load "
+        "probably changed while rows were timed (or the calibration is stale): rerun on a quiet machine "
+        "(`sparkee calibrate --force` there first if unsure) before trusting these speed-ups"
     )
 
 
@@ -549,6 +597,10 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
             "predicted_speedup_memory_bound": reads_full / reads if reads else None,
             "speedup": measured,
             "measured_over_predicted": measured / predicted if measured and predicted else None,
+            # measured/predicted outside SANE_BAND: the timings are not to be trusted (timing_warning)
+            "timing_suspect": None
+            if not (measured and predicted)
+            else not (SANE_BAND[0] <= measured / predicted <= SANE_BAND[1]),
             "speedup_wall": (
                 sum(full_recs[r["example"]]["wall_s"] for r in shared) / sum(r["wall_s"] for r in shared)
                 if shared

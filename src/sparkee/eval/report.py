@@ -282,7 +282,14 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}}
 def write_report(
     summary: list[dict], records: list[dict], out: Path, num_layers: int, title: str, notes: str = ""
 ) -> None:
+    from .harness import timing_warning
+
     write_tables(summary, out)
+    warning = timing_warning(summary)
+    if warning:  # recorded beside the table and at the top of the page, as the command prints it
+        with (out / "table.md").open("a") as f:
+            f.write(f"\n> {warning}\n")
+        notes = f"<p id='timing-warning' style='color:#a00'><b>{html.escape(warning)}</b></p>{notes}"
     plot_quality(summary, out / "quality_vs_depth.png")
     if any("+verify" in s["policy"] for s in summary):
         plot_frontier(summary, out / "frontier.png")

@@ -1,0 +1,1 @@
+"""Optional integrations with other engines. Core sparkee never imports this package."""
