@@ -34,7 +34,7 @@ from pydantic import (
 from ..accept import parse_accept
 from ..engine import Engine
 from ..errors import SparkeeError
-from ..generate import GenerationConfig
+from ..generate import GenerationConfig, _check_prompt
 from ..schedule import parse_policy
 from .audio import Audio, wav_bytes
 from .metrics import Metrics, log_request
@@ -282,13 +282,11 @@ class Server:
             plan = self.engine.plan_for(len(prompt), cfg)
         except SparkeeError as e:
             raise ApiError(400, _sentence(str(e))) from None
-        bad = [t for t in prompt if not 0 <= t < self.engine.bb.vocab_size]
-        if bad:
-            raise ApiError(
-                400,
-                f"Token id {bad[0]} is outside the vocabulary (0..{self.engine.bb.vocab_size - 1}).",
-                "prompt",
-            )
+        try:
+            _check_prompt(self.engine.bb, prompt)  # the check generate runs
+        except SparkeeError as e:
+            msg = _sentence(str(e))
+            raise ApiError(400, msg[0].upper() + msg[1:], "prompt") from None
         return Job(
             prompt,
             plan,
@@ -734,7 +732,19 @@ async def _respond(server: Server, job: Job, req, request: Request, cfg, kind: s
             await events.aclose()
 
     # the first event decides the status: an error before any output is still an HTTP error
-    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _ClosingStream(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _ClosingStream(StreamingResponse):
+    """A stream that closes its body iterator however it ends. Starlette (ASGI 2.4) stops at the
+    first send to a client that went away and leaves the suspended generator to the garbage
+    collector, so the generator's `finally` (which frees the row) could run late or never."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def _timings(tag: dict) -> dict:
