@@ -898,7 +898,10 @@ class BatchGeneration:
     def _loop(self) -> Iterator[Emitted]:
         eng = self._engine
         t0 = time.perf_counter()
-        rows = [eng.add(p, seed=seed) for p, seed in zip(self._prompts, self._seeds, strict=True)]
+        # one plan for every prompt (make_plan once, as before the engine), checked in __init__
+        rows = [
+            eng.add(p, seed=seed, plan=self._plan) for p, seed in zip(self._prompts, self._seeds, strict=True)
+        ]
         assert rows == list(range(len(rows)))  # an empty engine fills its slots in order
         t1 = time.perf_counter()
         eng.reset_batch_meter()  # costs below are decode costs
