@@ -246,3 +246,16 @@ def test_split_half_drift_flags_a_machine_that_changed_speed(cache_dir, monkeypa
     # a file from before this field still loads (drift unknown: 0)
     del data["drift"]
     assert cost.Calibration.from_json(data).drift == 0.0
+
+
+def test_a_kernel_must_win_in_both_halves_of_its_timing():
+    """Round-robin timing, split in halves: a kernel replaces the plain product only when it is
+    10% faster in each half; a win that one half contradicts (a load change) is noise."""
+    plain = [(10.0, 10.0)] * 4
+    clear = {"plain": plain, "packed": [(5.0, 5.0), (5.0, 5.0), (8.5, 8.5), (20.0, 20.0)]}
+    assert kernels.choose_kernels(clear) == ("packed", "packed", "packed", "plain")
+    noisy = {"plain": plain, "packed": [(5.0, 12.0), (9.5, 9.5), (5.0, 5.0), (5.0, 5.0)]}
+    assert kernels.choose_kernels(noisy) == ("plain", "plain", "packed", "packed")
+    # rowwise runs r 1-row products of the best 1-row kernel: it wins where that is cheaper
+    rowwise = {"plain": [(10.0, 10.0), (30.0, 30.0), (40.0, 40.0), (80.0, 80.0)]}
+    assert kernels.choose_kernels(rowwise) == ("plain", "rowwise", "plain", "plain")

@@ -36,7 +36,7 @@ from . import cost, hf
 
 KERNELS = ("plain", "packed", "rowwise")
 MEASURED_ROWS = (1, 2, 4, 8)
-KERNELS_VERSION = 1
+KERNELS_VERSION = 2  # 2: kinds timed round-robin, a choice must win in both halves
 WIN = 0.9  # a kernel replaces the plain product only when at least 10% faster
 
 
@@ -111,35 +111,46 @@ def measure_shape(
         except (RuntimeError, NotImplementedError):  # this build or dtype has no such kernel
             fns.pop(kind, None)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    times: dict[str, list[float]] = {}
-    for kind, calls in fns.items():
-        per_rows = []
-        for r in MEASURED_ROWS:
-            x = torch.randn(1, r, w0.shape[1], generator=gen).to(w0.device, w0.dtype)
-
-            def sweep(calls=calls, x=x):
+    # kinds are timed round-robin, each repeat in turn, so a change of load on the machine hits
+    # every kind alike; each half of the repeats keeps its own median, and a kernel must win in
+    # both halves (a choice that one half contradicts is noise, and costs 2x where it is wrong)
+    halves: dict[str, list[tuple[float, float]]] = {kind: [] for kind in fns}
+    for r in MEASURED_ROWS:
+        x = torch.randn(1, r, w0.shape[1], generator=gen).to(w0.device, w0.dtype)
+        ts: dict[str, list[float]] = {kind: [] for kind in fns}
+        for calls in fns.values():  # warm
+            for f in calls:
+                f(x)
+        for _ in range(2 * repeats):
+            for kind, calls in fns.items():
+                t0 = time.perf_counter()
                 for f in calls:
                     f(x)
+                ts[kind].append((time.perf_counter() - t0) / len(calls))
+        for kind, t in ts.items():
+            halves[kind].append((statistics.median(t[:repeats]), statistics.median(t[repeats:])))
+    return choose_kernels(halves)
 
-            sweep()
-            ts = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                sweep()
-                ts.append((time.perf_counter() - t0) / len(calls))
-            per_rows.append(statistics.median(ts))
-        times[kind] = per_rows
 
-    def pick(opts: dict[str, float]) -> str:
-        # another kernel must beat the plain product clearly: a few percent is timing noise
-        best = min(opts, key=opts.get)
-        return best if opts[best] < WIN * opts["plain"] else "plain"
+def choose_kernels(halves: dict[str, list[tuple[float, float]]]) -> tuple[str, ...]:
+    """The kernel per MEASURED_ROWS entry from each kind's (first-half, second-half) median times."""
 
-    best1 = pick({k: t[0] for k, t in times.items()})
+    def pick(opts: dict[str, tuple[float, float]]) -> str:
+        # another kernel must beat the plain product clearly, in both halves: a few percent, or
+        # a win one half contradicts, is timing noise
+        plain = opts["plain"]
+        wins = {
+            k: t
+            for k, t in opts.items()
+            if k != "plain" and all(a < WIN * p for a, p in zip(t, plain, strict=True))
+        }
+        return min(wins, key=lambda k: sum(wins[k])) if wins else "plain"
+
+    best1 = pick({k: h[0] for k, h in halves.items()})
     choice = [best1]  # rowwise runs the best 1-row kernel, so it comes first
     for n, r in enumerate(MEASURED_ROWS[1:], 1):
-        opts = {k: t[n] for k, t in times.items()}
-        opts["rowwise"] = r * times[best1][0]
+        opts = {k: h[n] for k, h in halves.items()}
+        opts["rowwise"] = (r * halves[best1][0][0], r * halves[best1][0][1])
         choice.append(pick(opts))
     return tuple(choice)
 
