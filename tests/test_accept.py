@@ -232,3 +232,53 @@ def test_exact_rule_keeps_the_full_models_distribution_when_sampling():
     # the test can fail: unverified early sampling draws t2 from the layer-1 head instead
     tv_unverified = 0.5 * float((histogram(replace(cfg, verify=False)) - exact).abs().sum())
     assert tv_unverified > bound
+
+
+def test_no_stretch_parses_and_refuses_what_it_cannot_guard():
+    rule = parse_accept("no-stretch:typical:0.2")
+    assert rule.kind == "no-stretch" and rule.inner == parse_accept("typical:0.2") and not rule.lossless
+    assert parse_accept("no-stretch:unit-distance:0.5").inner.max_distance == 0.5
+    for bad in ("no-stretch:exact", "no-stretch:no-stretch:topk:2", "no-stretch:", "no-stretch:topk:x"):
+        with pytest.raises(SparkeeError):
+            parse_accept(bad)
+
+
+def test_no_stretch_rejects_a_repeat_where_the_full_model_switches_and_nothing_else():
+    logits = torch.tensor([3.0, 2.9, -5.0, -5.0])  # a near tie between tokens 0 and 1
+    inner = parse_accept("topk:2")
+    guard = parse_accept("no-stretch:topk:2")
+    # early repeats the previous token 1, the full model switches to 0: topk keeps it, no-stretch not
+    assert criterion(inner, 1, logits, None, None, 0, None, previous=1)
+    assert not criterion(guard, 1, logits, None, None, 0, None, previous=1)
+    # early switches (to 1) where the full model repeats 0: a near-tie switch, kept
+    assert criterion(guard, 1, logits, None, None, 0, None, previous=0)
+    # agreement is always kept, and whatever the inner rule rejects stays rejected
+    assert criterion(guard, 1, logits, None, None, 1, None, previous=1)
+    assert not criterion(guard, 2, logits, None, None, 0, None, previous=3)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=schedules, layer=st.integers(1, 4), n=st.integers(4, 30))
+def test_no_stretch_never_keeps_a_disagreeing_repeat(pattern, layer, n):
+    cfg = GenerationConfig(
+        max_new_tokens=n,
+        speech_policy=f"spar-k:{pattern}:{layer}",
+        interleave=Interleave(0, 1),
+        verify=True,
+        accept=f"no-stretch:topk:{V}",  # keeps every early token, but for stretching repeats
+    )
+    res = generate(BB, PROMPT, cfg)
+    seq = res.prompt + res.tokens
+    P = len(res.prompt)
+    for k, rec in enumerate(res.steps):
+        if rec.action == "early" and rec.accepted and not rec.agreed:
+            assert seq[P + k] != seq[P + k - 1]
+    loose = generate(BB, PROMPT, replace(cfg, accept=f"topk:{V}"))
+    stretched = sum(
+        r.action == "early"
+        and r.accepted
+        and not r.agreed
+        and loose.tokens[k] == ([*loose.prompt, *loose.tokens])[P + k - 1]
+        for k, r in enumerate(loose.steps)
+    )
+    assert res.stats["verify_rejections"] >= (1 if stretched else 0)

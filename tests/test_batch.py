@@ -128,6 +128,31 @@ def test_lock_step_batch_runs_one_pass_per_layer_range():
     assert gen._run.batch_meter.passes["layer"] == alone.meter.passes["layer"]
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pattern=st.sampled_from(["FE", "FEE", "FEEE", "EEF", "FFEE"]),
+    layer=st.integers(1, 4),
+    n=st.integers(4, 30),
+)
+def test_verified_rows_keep_the_batch_clock_after_rollbacks(pattern, layer, n):
+    """Different prompts roll back at different steps; each row's pattern follows the steps since
+    it began (its chunk index plus the steps it discarded), so at every batch step all rows run
+    the same kind and the batch runs a full pass exactly where the pattern says F."""
+    prompts = [[5, 7, 9, 11, 3], [3, 4, 5], [9, 8, 7, 6, 5, 4], [2], [8, 8, 1]]
+    cfg = GenerationConfig(
+        max_new_tokens=n, speech_policy=f"spar-k:{pattern}:{layer}", interleave=Interleave(0, 1), verify=True
+    )
+    gen = stream_batch(BB, prompts, cfg)
+    list(gen)
+    results = gen.results()
+    assert [r.tokens for r in results] == [
+        generate(BB, p, GenerationConfig(max_new_tokens=n)).tokens for p in prompts
+    ]
+    steps = gen._run.batch_meter.steps
+    T = steps["full"] + steps["early"]  # batch steps after the prefills
+    assert steps["full"] == sum(pattern[t % len(pattern)] == "F" for t in range(1, T + 1))
+
+
 def test_empty_batch_and_bad_prompt_are_refused():
     from sparkee import SparkeeError
 

@@ -29,10 +29,11 @@ def test_demo_on_two_questions(tmp_path):
     rows = json.loads((out / "summary.json").read_text())
     assert [r["policy"] for r in rows][0] == "full"
     assert {r["policy"].split(":")[0] for r in rows} == {"full", "fixed", "confidence", "spar-k"}
-    assert len(rows) == 7 and rows[-1]["policy"] == "spar-k:FEEE:4+verify"
+    ADAPTER = "spar-k:FEEEEEE:1+verify@adapter-speech"  # the bundled adapter heads' row
+    assert len(rows) == 8 and [r["policy"] for r in rows[-2:]] == ["spar-k:FEEE:4+verify", ADAPTER]
     for r in rows:
         assert set(r) >= KEYS
-        assert r["speedup"] > 0
+        assert 0.3 < r["speedup"] < 4  # a ratio of two timings of the same work, not a stray value
     by = {r["policy"]: r for r in rows}
     full = by["full"]
     # the bundled model answers both questions at full depth, in text and in speech, and its
@@ -43,7 +44,10 @@ def test_demo_on_two_questions(tmp_path):
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     tokens = {(r["row"], r["example"]): r["tokens"] for r in recs}
     for i in (0, 1):
-        assert tokens[("spar-k:FEEE:4+verify", i)] == tokens[("full", i)]
+        assert tokens[("spar-k:FEEE:4+verify", i)] == tokens[("full", i)] == tokens[(ADAPTER, i)]
+    # the adapter's draft runs one layer (plus itself) and keeps more early tokens than the tuned lens
+    assert by[ADAPTER]["avg_exit_layer_speech"] < by["spar-k:FEEE:4+verify"]["avg_exit_layer_speech"]
+    assert by[ADAPTER]["speech_acceptance"] > by["spar-k:FEEE:4+verify"]["speech_acceptance"]
     # fixed-layer exit drifts (the paper's finding): its speech is worse than full's
     assert by["fixed:12"]["accuracy_speech"] < 1.0 and by["fixed:12"]["wer"] > 0.0
     assert by["spar-k:even:12"]["speech_depth_reduction_pct"] == pytest.approx(12.5, abs=0.5)
@@ -54,7 +58,7 @@ def test_demo_on_two_questions(tmp_path):
     table = (out / "table.md").read_text()
     assert "acc. speech %" in table and "measured speed-up" in table
     if shutil.which("espeak-ng"):
-        assert len(list((out / "audio").rglob("*.wav"))) == 7  # one answer per policy
+        assert len(list((out / "audio").rglob("*.wav"))) == 8  # one answer per policy
 
 
 def test_demo_bad_inputs(tmp_path):

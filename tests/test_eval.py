@@ -355,3 +355,29 @@ def test_wer_leaves_out_answers_without_text():
     assert line["wer"] == pytest.approx(0.5)
     recs = [recs[0]]
     assert summarize(recs, [Row("full", "fixed:3")], num_layers=6)[0]["wer"] is None
+
+
+def test_rows_may_name_their_own_heads(qwen_dir, data, tmp_path):
+    """`@HEADS` gives one row heads of its own, beside the run's --heads, in one timed run."""
+    from sparkee import load_model
+
+    bb = load_model(qwen_dir)
+    adapter = ExitHeads(bb, "adapter", [2]).save(tmp_path / "adapter.safetensors")
+    row = parse_rows(f"spar-k:FEE:2+verify@{adapter}", num_layers=6)[1]
+    assert row.heads == str(adapter) and row.name == "spar-k:FEE:2+verify@adapter"
+    assert parse_rows("spar-k:FEE:2@bundled", sweep="3:4", num_layers=6)[-1].heads == "bundled"
+    out = tmp_path / "ev"
+    policies = f"full,spar-k:FEE:2+verify,spar-k:FEE:2+verify@{adapter}"
+    res = run_eval(qwen_dir, data, out, "--policies", policies, "--audio-examples", "0")
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    by_row = {}
+    for r in lines:
+        by_row.setdefault(r["row"], []).append(r["tokens"])
+    assert set(by_row) == {"full", "spar-k:FEE:2+verify", "spar-k:FEE:2+verify@adapter"}
+    assert by_row["spar-k:FEE:2+verify@adapter"] == by_row["full"] == by_row["spar-k:FEE:2+verify"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["row_heads"][str(adapter)].startswith("adapter:")
+    for bad in (f"spar-k:FEE:2@{tmp_path / 'missing.safetensors'}", "spar-k:FEE:2@", "spar-k:FEE:2@bundled"):
+        res = run_eval(qwen_dir, data, tmp_path / "bad", "--policies", bad)
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output

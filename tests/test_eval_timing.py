@@ -50,8 +50,8 @@ def fake_timer(monkeypatch, load):
     real = harness._decode
     order = []
 
-    def timed(run, prompts, cfg):
-        results = real(run, prompts, cfg)
+    def timed(run, prompts, cfg, heads):
+        results = real(run, prompts, cfg, heads)
         if cfg.max_new_tokens == harness.WARMUP_TOKENS:  # the untimed warm-up
             return results
         factor = load(cfg.speech_policy, len(order))
@@ -152,7 +152,7 @@ def test_warm_up_is_untimed_and_the_timed_units_are_complete(qwen_dir, data, tmp
     monkeypatch.setattr(
         harness,
         "_decode",
-        lambda run, p, cfg: calls.append((cfg.speech_policy, cfg.max_new_tokens)) or real(run, p, cfg),
+        lambda run, p, cfg, h: calls.append((cfg.speech_policy, cfg.max_new_tokens)) or real(run, p, cfg, h),
     )
     res = run_eval(qwen_dir, data, tmp_path / "ev", "--batch-size", "4")
     assert res.exit_code == 0, res.output

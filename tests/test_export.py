@@ -13,6 +13,7 @@ from conftest import tiny_model
 from sparkee import ExitHeads, SparkeeError, load_model
 from sparkee.export import export_draft
 from sparkee.heads import load_heads
+from sparkee.labels import adapter_logits_of
 from sparkee.refslm import bundled_model_dir
 
 
@@ -20,11 +21,13 @@ def _early_logits(bb, heads, layer: int, ids: torch.Tensor) -> torch.Tensor:
     """sparkee's early step at `layer` for every position: layers 1..layer, then the exit head."""
     with torch.no_grad():
         hs = bb.model(ids, output_hidden_states=True).hidden_states
+        if heads.attends:  # an adapter attends over the sequence's layer-L states
+            return adapter_logits_of(bb, heads, layer, hs[layer])
         return heads(layer, hs[layer])
 
 
-def _full_heads(bb, layers, seed=1) -> ExitHeads:
-    heads = ExitHeads(bb, "full", layers)
+def _full_heads(bb, layers, seed=1, kind="full") -> ExitHeads:
+    heads = ExitHeads(bb, kind, layers)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # move them away from the model's own norm and projection
         for p in heads.per_layer.parameters():
@@ -38,24 +41,25 @@ def _save(model, path):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "glm"])
-@pytest.mark.parametrize("kind", ["logit-lens", "full"])
+@pytest.mark.parametrize("kind", ["logit-lens", "full", "adapter"])
 def test_draft_logits_equal_early_step(tmp_path, arch, kind):
     src = _save(tiny_model(arch, layers=6), tmp_path / "model")
     bb = load_model(src, fast=False)
     layer = 3
-    if kind == "full":
-        spec = str(_full_heads(bb, [2, 3]).save(tmp_path / "heads.safetensors"))
+    if kind != "logit-lens":
+        spec = str(_full_heads(bb, [2, 3], kind=kind).save(tmp_path / "heads.safetensors"))
     else:
         spec = "logit-lens"
     out = export_draft(src, spec, layer, tmp_path / "draft")
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["num_hidden_layers"] == layer and cfg["architectures"] == bb.config.architectures
+    depth = layer + (kind == "adapter")  # an adapter's layer is the draft's layer L + 1
+    assert cfg["num_hidden_layers"] == depth and cfg["architectures"] == bb.config.architectures
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     info = json.loads((out / "sparkee_draft.json").read_text())
     assert info["layer"] == layer and info["head_type"] == kind
     draft = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert len(draft.model.layers) == layer
-    heads = load_heads(spec, bb) if kind == "full" else ExitHeads(bb, "logit-lens")
+    assert len(draft.model.layers) == depth
+    heads = load_heads(spec, bb) if kind != "logit-lens" else ExitHeads(bb, "logit-lens")
     ids = torch.randint(0, bb.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = draft(ids).logits
@@ -104,7 +108,7 @@ def test_refusals(tmp_path):
     src = _save(tiny_model("qwen2", layers=6), tmp_path / "model")
     bb = load_model(src, fast=False)
     tuned = ExitHeads(bb, "tuned-lens", [3]).save(tmp_path / "tuned.safetensors")
-    with pytest.raises(SparkeeError, match="logit-lens or full"):
+    with pytest.raises(SparkeeError, match="logit-lens, full or adapter"):
         export_draft(src, str(tuned), 3, tmp_path / "d1")
     restricted = ExitHeads(bb, "full", [3], token_ids=list(range(10, 40))).save(tmp_path / "r.safetensors")
     with pytest.raises(SparkeeError, match="restricted to 30 token ids"):
@@ -176,4 +180,4 @@ def test_cli_export_draft(tmp_path):
         ],
     )
     assert r.exit_code == 2
-    assert "logit-lens or full" in r.output and "Traceback" not in r.output
+    assert "logit-lens, full or adapter" in r.output and "Traceback" not in r.output

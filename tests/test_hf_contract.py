@@ -177,6 +177,34 @@ def test_decoder_layer_call_keywords_and_return(arch):
     )
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.no_grad()
+def test_a_copied_decoder_layer_computes_as_its_source_and_writes_its_own_cache_index(arch):
+    """Adapter heads: a new layer of the model's class with a copy of layer 1's weights, whose
+    attention names cache layer 0 (`self_attn.layer_idx`)."""
+    model = MODELS[arch]
+    bb = wrap_model(model)
+    block = hf.decoder_layer_like(model, 1, 0)
+    src = hf.parts(model).layers[1]
+    check(type(block) is type(src) and block is not src, "a new module of the source layer's class")
+    h = torch.randn(1, 3, model.config.hidden_size)
+    pids = torch.arange(3)[None]
+    pe = hf.rotary(hf.parts(model).rotary_emb, h, pids)
+    caches = [
+        LayeredKVCache(bb.num_layers, 8, bb.num_kv_heads, bb.head_dim, bb.dtype, bb.layer_devices)
+        for _ in "ab"
+    ]
+    outs = []
+    for layer, cache in zip((block, src), caches, strict=True):
+        cache.begin_pass([0], [3], [0])
+        outs.append(hf.call_layer(layer, h, None, pids, pe, cache))
+    close(outs[0], outs[1], "the copy's output")
+    check(caches[0].lens[0] == [3] and caches[0].lens[1] == [0], "the copy writes cache layer 0")
+    check(caches[1].lens[1] == [3], "the source still writes its own layer")
+    block.self_attn.q_proj.weight.data.zero_()
+    check(bool(src.self_attn.q_proj.weight.abs().sum() > 0), "the copy shares no weights with its source")
+
+
 class Recorder(LayeredKVCache):
     def update(self, *args, **kwargs):
         self.calls.append((len(args), sorted(kwargs)))

@@ -523,3 +523,28 @@ def test_a_request_past_its_deadline_gets_504(tiny):
     assert r.status_code == 504 and "deadline" in r.json()["error"]["message"]
     ok = tiny.http.post("/v1/completions", json={"prompt": [3, 4], "max_tokens": 4})
     assert ok.status_code == 200
+
+
+def test_adapter_heads_serve_verified_rows_that_equal_full_depth():
+    """The bundled adapter heads behind the server: concurrent verified requests (which roll back
+    at different steps) each get exactly their full-depth answer; the page suggests their row."""
+    bb = load_model(REF_DIR)
+    profile = load_profile(REF_DIR, bb=bb)
+    heads = resolve_heads(str(profile.adapter), bb)
+    r = Running(build_server(bb, heads, profile, resolve_config(profile, {}), max_batch_size=4, max_queue=8))
+    try:
+        suggested = r.http.get("/v1/sparkee/config").json()["suggested_policies"]
+        assert {"speech_policy": "spar-k:FEEEEEE:1", "verify": True} in [
+            {k: p[k] for k in ("speech_policy", "verify")} for p in suggested
+        ]
+        ver = {"speech_policy": "spar-k:FEEEEEE:1", "verify": True, "accept": "exact", "return_tokens": True}
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda q: chat(r, q, max_tokens=150, sparkee=ver).json(), QUESTIONS[:4]))
+        for q, a in zip(QUESTIONS[:4], answers, strict=True):
+            full = generate(
+                bb, profile.encode_text(q), replace(resolve_config(profile, {}), max_new_tokens=150)
+            )
+            assert a["sparkee"]["tokens"] == full.tokens
+            assert a["sparkee"]["avg_exit_layer_speech"] < 8
+    finally:
+        r.stop()

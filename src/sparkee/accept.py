@@ -11,6 +11,10 @@ rule compares the early token x with them (text steps always use `exact`):
   DELTA = sqrt(EPS) by default; p is the full model's distribution (temperature 1 when greedy).
 - `unit-distance:D`: distance(x, y) <= D where y is the full model's choice (argmax, or a draw
   when sampling) and `distance` is a plug-in saying how far apart two speech tokens sound.
+- `no-stretch:RULE`: RULE, except that x is rejected when it repeats the previous token while y
+  does not. Speech units run for several frames; an early layer is drawn to "repeat the unit"
+  where the full model "switches unit" (about 4:1 among accepted near-ties on the reference SLM),
+  which stretches speech: this keeps durations while accepting near-tie switches.
 
 A rejected token is replaced by the full model's choice: its argmax when greedy, a draw from its
 distribution when sampling (the residual max(0, p - q) under `exact`).
@@ -26,19 +30,20 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SparkeeError
+from .syntax import ACCEPT_SYNTAX
 
-ACCEPT_SYNTAX = "exact, topk:K, typical:EPS[:DELTA] or unit-distance:D"
 Distance = Callable[[int, int], float]
 
 
 @dataclass(frozen=True)
 class AcceptRule:
-    kind: str  # exact | topk | typical | unit-distance
+    kind: str  # exact | topk | typical | unit-distance | no-stretch
     k: int = 1
     eps: float = 0.0
     delta: float = 0.0
     max_distance: float = 0.0
     name: str = "exact"
+    inner: AcceptRule | None = None  # no-stretch: the rule it guards
 
     @property
     def lossless(self) -> bool:
@@ -81,6 +86,14 @@ def parse_accept(spec: str | AcceptRule | None) -> AcceptRule:
         if delta <= 0:
             raise SparkeeError(f"acceptance rule '{s}' needs DELTA > 0, got {parts[2]}")
         return AcceptRule("typical", eps=eps, delta=delta, name=s)
+    if kind == "no-stretch" and len(parts) >= 2:
+        inner = parse_accept(":".join(parts[1:]))
+        if inner.kind in ("exact", "no-stretch"):
+            raise SparkeeError(
+                f"acceptance rule '{s}' guards a tolerant rule (topk, typical or unit-distance): "
+                "exact never keeps a token the full model did not choose"
+            )
+        return AcceptRule("no-stretch", name=s, inner=inner)
     if kind == "unit-distance" and len(parts) == 2:
         d = _number(parts[1], s, "D")
         if d < 0:
@@ -103,15 +116,20 @@ def criterion(
     probs: torch.Tensor | None,
     choice: int,
     distance: Distance | None,
+    previous: int | None = None,
 ) -> bool:
     """Whether a tolerant rule keeps `token` (greedy or sampling; not the `exact` sampling rule).
 
     logits: the full model's processed logits over `ids` (or the whole vocabulary); probs: its
     sampling distribution over the same entries (None when greedy); choice: the full model's own
-    token (argmax, or a draw).
+    token (argmax, or a draw); previous: the token before `token` (for no-stretch).
     """
     if rule.kind == "exact":
         return token == choice
+    if rule.kind == "no-stretch":
+        if previous is not None and token == previous and choice != previous and token != choice:
+            return False
+        return criterion(rule.inner, token, logits, ids, probs, choice, distance, previous)
     if rule.kind == "unit-distance":
         if distance is None:
             raise SparkeeError("acceptance rule unit-distance needs a distance plug-in (--unit-distance)")

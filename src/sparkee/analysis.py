@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -73,19 +74,25 @@ def run_report(
 ) -> dict:
     """Write layer_report.{json,md,png}; `measures` with a transcriber adds the transcript columns."""
     layers = list(range(1, bb.num_layers))
-    labels = collect_labels(bb, prompts, cfg_for, layers, desc="report")
+    # adapter heads attend over whole sequences: their labels keep the prompt's positions
+    context = collect_labels(bb, prompts, cfg_for, layers, desc="report", context=heads.attends)
+    labels = context.target_rows()
     lens = ExitHeads(bb, "logit-lens", layers)
     report = {"num_layers": bb.num_layers, "rows": len(labels), "speech_rows": int(labels.speech.sum())}
     report["logit_lens"] = {str(k): v for k, v in layer_metrics(bb, lens, labels).items()}
     if heads.kind != "logit-lens":
         # a head restricted to a token set only speaks for speech steps
-        sub = labels if heads.token_ids is None else labels.speech_rows()
+        if heads.attends:
+            sub = replace(context, target=context.targets() & (context.speech | (heads.token_ids is None)))
+        else:
+            sub = labels if heads.token_ids is None else labels.speech_rows()
         sub = sub.only_layers([L for L in layers if heads.has(L)])
         report["heads"] = {str(k): v for k, v in layer_metrics(bb, heads, sub).items()}
         report["heads_kind"] = heads.kind
     speech_ids = cfg_for(prompts[0]).speech_ids
     if measures is not None and measures.transcriber is not None and speech_ids is not None:
-        tr_heads = heads if heads.kind != "logit-lens" and all(heads.has(L) for L in layers) else lens
+        own = heads.kind != "logit-lens" and not heads.attends and all(heads.has(L) for L in layers)
+        tr_heads = heads if own else lens
         scores = transcript_scores(bb, tr_heads, labels, prompts, layers, measures, speech_ids)
         report["transcripts"] = {str(k): v for k, v in scores.items()}
         report["transcripts_from"] = tr_heads.kind

@@ -200,7 +200,7 @@ def check_device(device: str) -> torch.device:
         if not torch.cuda.is_available():
             raise SparkeeError(
                 f"device '{device}' needs a CUDA build of torch and a GPU; this torch "
-                f"({torch.__version__}) sees none: use --device cpu or install the CUDA build (README)"
+                f"({torch.__version__}) sees none: use --device cpu or install the CUDA build (docs/install.md)"
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise SparkeeError(

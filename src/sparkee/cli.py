@@ -22,6 +22,7 @@ import typer
 
 from .errors import SparkeeError
 from .schedule import FORMATS
+from .syntax import ACCEPT_SYNTAX, POLICY_SYNTAX
 
 if TYPE_CHECKING:  # the CLI imports its heavy modules inside the commands, so startup stays fast
     from .eval.harness import EvalRun
@@ -29,10 +30,6 @@ if TYPE_CHECKING:  # the CLI imports its heavy modules inside the commands, so s
     from .profiles import ModelProfile
     from .sources import PromptItem
 
-POLICY_SYNTAX = (
-    "full, fixed:L, confidence:L:H (H: entropy in nats) or spar-k:P:L with P = even, odd, triple "
-    "or any pattern of F and E"
-)
 # help text: rich cuts words longer than the help column (24 characters at 80 columns)
 POOL_SYNTAX = (
     "in=T1,deep=T2@L (cosine thresholds T1 at the input and T2 after layer L), optionally "
@@ -41,7 +38,6 @@ POOL_SYNTAX = (
 
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
-ACCEPT_SYNTAX = "exact, topk:K, typical:EPS[:DELTA] or unit-distance:D"
 CompileOpt = Annotated[
     bool,
     typer.Option(
@@ -314,7 +310,7 @@ def generate(
     history: Path = typer.Option(
         None,
         "--history",
-        help="Dialogue history (JSON or JSONL, see README): --prompt becomes its next user turn (presets).",
+        help="Dialogue history (JSON or JSONL; docs: real-models.md): --prompt becomes its next user turn (presets).",
     ),
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -533,14 +529,21 @@ def train_heads(
     model: Path = typer.Option(..., "--model", help="Checkpoint directory of the frozen backbone."),
     data: str = typer.Option(..., "--data", help="JSONL of prompts, a datasets directory, or refslm:train."),
     layers: str = typer.Option("all", "--layers", help="'all', a list like 12,14,16, or a range like 4:12."),
-    head: str = typer.Option("tuned-lens", "--head", help="tuned-lens | full"),
+    head: str = typer.Option(
+        "tuned-lens",
+        "--head",
+        "--kind",
+        help="tuned-lens | full | adapter (one decoder layer with its own KV cache: a stronger draft).",
+    ),
     token_set: str = typer.Option(
         "all", "--token-set", help="all | speech (speech ids plus control tokens)."
     ),
     out: Path = typer.Option(..., "--out", help="Heads file to write (.safetensors); metrics go beside it."),
     steps: int = typer.Option(400, "--steps", help="Optimizer steps."),
     train_batch_size: int = typer.Option(
-        256, "--train-batch-size", help="Rows (generated steps) per optimizer step."
+        256,
+        "--train-batch-size",
+        help="Rows (generated steps) per optimizer step; whole sequences for --head adapter.",
     ),
     batch_size: int = typer.Option(
         1, "--batch-size", help="Prompts decoded together while labelling (same labels as one by one)."
@@ -573,7 +576,7 @@ def train_heads(
 
     if head not in HEAD_KINDS or head == "logit-lens":
         raise SparkeeError(
-            f"--head must be tuned-lens or full, got '{head}' (a logit lens needs no training)"
+            f"--head must be tuned-lens, full or adapter, got '{head}' (a logit lens needs no training)"
         )
     if token_set not in ("all", "speech"):
         raise SparkeeError(f"--token-set must be all or speech, got '{token_set}'")
@@ -812,6 +815,7 @@ def eval_cmd(
         policies = policies or ",".join(profile.default_policies(bb.num_layers))
         rows = parse_rows(policies, text_policy, sweep, bb.num_layers, pools or None)
     exit_heads = resolve_heads(heads, bb)
+    row_heads, row_identity = load_row_heads(rows, profile, bb)
     cfg = resolve_config(
         profile,
         overrides
@@ -834,6 +838,7 @@ def eval_cmd(
     manifest = {
         "model": bb.fingerprint(),
         "heads": heads_identity(heads),
+        **({"row_heads": row_identity} if row_identity else {}),
         "data": {"source": data, "digest": digest},
         "decoding": config_json(cfg),
         "verify": verify,
@@ -857,9 +862,27 @@ def eval_cmd(
         audio_examples,
         verify,
         batch_size,
+        row_heads=row_heads,
     )
     _run_and_report(run, manifest, fresh, f"sparkee eval: {model.name}", _measure_notes(model, batch_size))
     typer.echo(f"wrote {out}/table.md, table.csv, summary.json, results.jsonl, report.html and plots")
+
+
+def load_row_heads(rows, profile: ModelProfile, bb) -> tuple[dict, dict[str, str]]:
+    """The heads rows name with @HEADS ('bundled': the model profile's), loaded once each, and
+    what the manifest records for them."""
+    from .heads import resolve_heads
+
+    loaded, identity = {}, {}
+    for spec in sorted({r.heads for r in rows if r.heads is not None}):
+        path = spec
+        if spec == "bundled":
+            if not getattr(profile, "heads", None):
+                raise SparkeeError("a row names @bundled heads, but this model comes with none")
+            path = str(profile.heads)
+        loaded[spec] = resolve_heads(path, bb)
+        identity[spec] = heads_identity(path)
+    return loaded, identity
 
 
 def heads_identity(spec: str) -> str:
@@ -920,7 +943,8 @@ def demo(
     verified_row: bool = typer.Option(
         True,
         "--verified-row/--paper-rows-only",
-        help="Add the best lossless verified row of the frontier (spar-k:FEEE:4+verify).",
+        help="Add the best lossless verified rows: spar-k:FEEE:4+verify with the bundled tuned-lens "
+        "heads, and spar-k:FEEEEEE:1+verify with the bundled adapter heads.",
     ),
 ) -> None:
     """Answer the bundled reference SLM's test questions under each policy; print the paper's Table 2."""
@@ -955,10 +979,13 @@ def demo(
     for spec in specs:
         parse_policy(spec, bb.num_layers)
     rows = [Row("full", s) for s in specs]
-    if verified_row:  # the frontier's best lossless row (README): verified SPAR-K, exact rule
+    if verified_row:  # the frontier's best lossless row (docs/results.md): verified SPAR-K, exact rule
         from .eval.harness import parse_row
 
         rows.append(parse_row(profile.verified_row(bb.num_layers), "full", bb.num_layers))
+        if profile.adapter_row() is not None:
+            rows.append(parse_row(profile.adapter_row(), "full", bb.num_layers))
+    row_heads, row_identity = load_row_heads(rows, profile, bb)
     cfg = resolve_config(profile, {"format": fmt, "max_new_tokens": 200})
     prompts, digest = load_data(profile, "refslm:test", fmt, limit)
     typer.echo(
@@ -980,8 +1007,14 @@ def demo(
         out,
         audio_examples,
         batch_size=batch_size,
+        row_heads=row_heads,
     )
-    manifest = {"model": bb.fingerprint(), "heads": heads_identity(heads), "data": digest}
+    manifest = {
+        "model": bb.fingerprint(),
+        "heads": heads_identity(heads),
+        "data": digest,
+        "row_heads": row_identity,
+    }
     # a demo measures speed in one run: it always starts afresh
     _run_and_report(run, manifest, True, "sparkee demo: reference SLM", _measure_notes(model, batch_size))
     typer.echo(f"wrote {out}/summary.json, table.md, report.html and WAVs under {out}/audio")

@@ -291,6 +291,7 @@ class Engine:
             stats=stats,
             cache=run.cache.row(row),
             meter=run.meters[row],
+            draft_cache=None if run.draft is None else run.draft.row(row),
         )
 
     def batch_stats(

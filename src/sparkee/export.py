@@ -8,9 +8,9 @@ vLLM's `speculative_config={"method": "draft_model", "model": DIR, ...}`.
 
 What exports exactly: heads made of a norm and an output projection, which take the places of the
 draft's final norm and `lm_head` — the logit lens (the model's own final norm and projection) and
-the `full` head (a per-layer norm and vocabulary projection). A head that adds a decoder layer on
-top of layer L (an adapter in the Kangaroo style, not in sparkee yet) would export as layer L+1 of
-the draft through `extra_layer` below. A tuned-lens translator (h + A h + b before the norm) has no
+the `full` head (a per-layer norm and vocabulary projection) — and the `adapter` head, whose
+decoder layer (of the model's own class) becomes the draft's layer L+1, followed by its norm and
+the model's output projection: a draft of L+1 layers. A tuned-lens translator (h + A h + b before the norm) has no
 place in these architectures (every layer reads the residual stream through an RMSNorm, so a
 linear map of the stream cannot be folded into the weights), and a head restricted to a token set
 has no logits for the other ids: both are refused with one sentence.
@@ -31,7 +31,7 @@ import torch
 
 from .errors import SparkeeError
 
-EXPORTABLE_KINDS = ("logit-lens", "full")
+EXPORTABLE_KINDS = ("logit-lens", "full", "adapter")
 # files copied beside the weights: the tokenizer (any of the usual layouts) and the generation config
 COPIED = (
     "tokenizer.json",
@@ -56,7 +56,8 @@ def draft_config(config, layer: int, untied: bool, extra_layers: int = 0):
     cfg.num_hidden_layers = n
     types = getattr(cfg, "layer_types", None)
     if isinstance(types, (list, tuple)) and len(types) >= n:
-        cfg.layer_types = list(types[:layer]) + list(types[layer - 1 : layer]) * extra_layers
+        # an extra layer (an adapter) is built as layer `layer` of the model: it takes that type
+        cfg.layer_types = list(types[:layer]) + list(types[layer : layer + 1]) * extra_layers
     if hasattr(cfg, "max_window_layers") and isinstance(cfg.max_window_layers, int):
         cfg.max_window_layers = min(cfg.max_window_layers, n)
     if untied:
@@ -76,8 +77,8 @@ def head_parts(heads, layer: int) -> tuple[torch.nn.Module, torch.nn.Module, tor
     if heads.kind not in EXPORTABLE_KINDS:
         raise SparkeeError(
             f"a {heads.kind} head does not fit the model's architecture, so it cannot be exported as "
-            f"a draft: export-draft takes {' or '.join(EXPORTABLE_KINDS)} heads (train one with "
-            "`sparkee train-heads --head full`)"
+            f"a draft: export-draft takes {', '.join(EXPORTABLE_KINDS[:-1])} or {EXPORTABLE_KINDS[-1]} "
+            "heads (train one with `sparkee train-heads --head full` or `--head adapter`)"
         )
     if heads.token_ids is not None:
         raise SparkeeError(
@@ -90,6 +91,8 @@ def head_parts(heads, layer: int) -> tuple[torch.nn.Module, torch.nn.Module, tor
     if heads.kind == "logit-lens":
         return bb.norm, bb.lm_head, None
     m = heads.per_layer[str(layer)]
+    if heads.kind == "adapter":
+        return m["norm"], bb.lm_head, m["layer"]
     return m["norm"], m["proj"], None
 
 
@@ -149,7 +152,8 @@ def export_draft(
     out: str | Path,
     dtype: str | None = None,
 ) -> Path:
-    """Write the draft (layers 1..`layer` + the head for `layer`) to `out`; return `out`.
+    """Write the draft (layers 1..`layer` + the head for `layer`, an adapter's layer included) to
+    `out`; return `out`.
 
     heads_spec: a heads file or 'logit-lens'. dtype: the checkpoint's own unless given.
     """

@@ -104,6 +104,7 @@ class GenerationResult:
     stats: dict
     cache: RowView = field(repr=False)
     meter: CostMeter | None = field(default=None, repr=False)  # the passes this row ran (cost.py)
+    draft_cache: RowView | None = field(default=None, repr=False)  # an adapter head's own cache
 
     def as_json(self) -> dict:
         return {
@@ -133,6 +134,9 @@ class Plan:
     stop_ids: frozenset[int]
     control: frozenset[int]  # tokens that are neither text nor speech for the auto tracker
     max_len: int
+    # exit layers whose adapter head (heads.attends) needs every position's state: its cache is
+    # filled wherever a pass crosses the layer, at full steps and prefill too
+    draft_layers: frozenset[int] = frozenset()
 
     def kind_of(self, token: int) -> str | None:
         """text, speech or control; None when the speech range is unknown."""
@@ -166,6 +170,9 @@ class Trace:
     rejections: int = 0
     wasted: int = 0
     refreshes: int = 0  # full passes that checked at least one early token
+    # spar-k patterns read index_in_chunk + phase: the steps a rollback discarded, so that a row
+    # that rolled back stays in step with its batch-mates (0 without rollbacks: the paper's index)
+    phase: int = 0
     done: bool = False
 
     @property
@@ -325,6 +332,17 @@ class _Run:
         self.meters = [cost.new_meter(bb) for _ in range(capacity)]  # each row's passes, as if alone
         self.batch_meter = cost.new_meter(bb)  # the passes the batch actually ran
         self._masks: dict = {}
+        # an adapter head's own cache (cache layer k = heads.layers[k]; never static: the adapter
+        # runs eagerly) and its output at each row's last position of the latest pass
+        heads = plan.heads
+        self.draft = None
+        if heads.attends:
+            n = len(heads.layers)
+            dev = [bb.device] * n
+            self.draft = LayeredKVCache(n, max_len, bb.num_kv_heads, bb.head_dim, bb.dtype, dev, capacity)
+        self.draft_out: dict[tuple[int, int], torch.Tensor] = {}  # (row, layer) -> [H]
+        self.draft_h: dict[int, torch.Tensor] = {}  # layer -> states kept for its adapter
+        self.draft_need: set[int] = set()  # rows exiting in the current step: their adapter runs
 
     def open(self, b: int, plan: Plan, prompt: list[int], seed: int | None) -> Trace:
         """Give free slot b to a new sequence (its prompt not yet prefilled)."""
@@ -341,6 +359,8 @@ class _Run:
         """Free slot b: its KV lengths go to 0 (the buffers are reused as they are)."""
         for lens, shift in zip(self.cache.lens, self.cache.shift, strict=True):
             lens[b] = shift[b] = 0
+        if self.draft is not None:
+            self.draft.truncate(0, b)
         self.plans[b] = self.traces[b] = None
         self.meters[b].reset()
 
@@ -350,25 +370,85 @@ class _Run:
         """Run `layers` over the carry; a row's positions missing a layer join the pass there."""
         i, end = layers.start, layers.stop
         lens, shift = self.cache.lens, self.cache.shift
+        stops = frozenset().union(*(self.plans[b].draft_layers for b in carry.rows)) if self.draft else ()
         while i < end:
             carry = self._join(carry, i)
             # a block: the layers after i that hold what layer i holds (same length and position
             # shift for every row): nobody joins there and one mask serves them all. Lengths never
             # grow with depth, so the block ends where some row's length drops.
+            # It also ends at a layer whose adapter head some row uses: it takes the states there.
             j = i + 1
             if len(carry.rows) == 1:
                 b = carry.rows[0]
                 n, sh = lens[i][b], shift[i][b]
-                while j < end and lens[j][b] == n and shift[j][b] == sh:
+                while j < end and j not in stops and lens[j][b] == n and shift[j][b] == sh:
                     j += 1
             else:
                 key = [(lens[i][b], shift[i][b]) for b in carry.rows]
-                while j < end and [(lens[j][b], shift[j][b]) for b in carry.rows] == key:
+                while j < end and j not in stops and [(lens[j][b], shift[j][b]) for b in carry.rows] == key:
                     j += 1
             if carry.h.shape[1] > 0:
                 carry = self._block(carry, i, j, prefill)
+                if j in stops:
+                    self._draft_pass(carry, j)
             i = j
         return carry
+
+    def _draft_pass(self, carry: _Carry, layer: int) -> None:
+        """The carry's states after `layer` layers, for the adapter head of `layer`. Each position
+        crosses a layer once (an early step's, a full step's, a joined one, a prompt's); its state
+        is kept, and the adapter runs when a row exits at `layer` (rows in `draft_need`), over the
+        row's kept positions and the new ones: the deep cache's deferred fill, one layer long, so a
+        full step pays no adapter pass. Keeps the output at each such row's last position."""
+        sel = [j for j, b in enumerate(carry.rows) if layer in self.plans[b].draft_layers]
+        if not sel:
+            return
+        bb, k = self.plan.bb, self.plan.heads.layers.index(layer)
+        kept = self.draft_h.get(layer)
+        if kept is None:  # [capacity, max_len, H], made on first use
+            kept = self.draft_h[layer] = self.pend_h.new_zeros(self.pend_h.shape)
+        rows = []
+        for j in sel:
+            b, s, c = carry.rows[j], carry.start[j], carry.count[j]
+            kept[b, s : s + c] = carry.h[j, :c]
+            if b in self.draft_need:
+                rows.append((b, s + c))
+        if not rows:
+            return
+        lens = [self.draft.lens[k][b] for b, _ in rows]
+        counts = [end - n for (_, end), n in zip(rows, lens, strict=True)]
+        r = max(counts)
+        if len(rows) == 1:
+            b, end = rows[0]
+            h = kept[b : b + 1, lens[0] : end]  # [1, r, H]
+        else:  # left-aligned, padding after each row's positions (never written, never attended)
+            h = kept.new_zeros(len(rows), r, kept.shape[-1])
+            for n, ((b, end), start) in enumerate(zip(rows, lens, strict=True)):
+                h[n, : end - start] = kept[b, start:end]
+        pids = torch.tensor(lens, device=bb.device)[:, None] + torch.arange(r, device=bb.device)
+        pe = bb.rope(h, pids)
+        mask = hf.attention_mask(lens, counts, r, bb.device, self._masks)
+        self.draft.begin_pass([b for b, _ in rows], counts, lens)
+        out = self.plan.heads.adapter_layer(layer, h, mask, pids, pe, self.draft)
+        for n, ((b, end), c) in enumerate(zip(rows, counts, strict=True)):
+            self.draft_out[(b, layer)] = out[n, c - 1]
+            self.meters[b].layers(layer, layer + 1, c, end)  # a decoder layer like the model's
+        if self.capacity > 1:
+            kv_end = max(end for _, end in rows)
+            self.batch_meter.layers(layer, layer + 1, len(rows) * r, kv_end, seqs=len(rows))
+
+    def head_logits(self, depth: int, carry: _Carry, here: list[int]) -> torch.Tensor:
+        """Exit-head logits [len(here), out] for carry rows `here`, whose states are after `depth` layers."""
+        heads = self.plan.heads
+        if heads.attends:  # the adapter ran as the pass crossed `depth`
+            out = torch.stack([self.draft_out[(carry.rows[j], depth)] for j in here])
+            logits = heads.adapter_logits(depth, out)
+        else:
+            last = carry.last()  # [R, 1, H]
+            hl = last if len(here) == len(carry.rows) else last[here]
+            logits = heads(depth, hl)
+        self._meter_matrix(heads.cost(depth), [carry.rows[j] for j in here], len(here), "head")
+        return logits.float().reshape(len(here), -1)
 
     def _joins(self, carry: _Carry, i: int) -> bool:
         return any(self.cache.next_position(i, b) < s for b, s in zip(carry.rows, carry.start, strict=True))
@@ -483,7 +563,8 @@ def _verify_one(plan: Plan, tr: Trace, pos: int, rec: StepRecord, logits, ids) -
     agreed = best == rec.token
     if cfg.temperature == 0 or not cfg.verify:
         ok = agreed or (
-            rule.kind != "exact" and criterion(rule, rec.token, logits, ids, None, best, plan.distance)
+            rule.kind != "exact"
+            and criterion(rule, rec.token, logits, ids, None, best, plan.distance, tr.seq[pos])
         )
         return ok, best, agreed
     p_sub = _distribution(logits, cfg)
@@ -499,7 +580,7 @@ def _verify_one(plan: Plan, tr: Trace, pos: int, rec: StepRecord, logits, ids) -
         resid = resid / resid.sum() if resid.sum() > 0 else p
         return False, int(torch.multinomial(resid, 1, generator=tr.gen)), agreed
     draw = _token(int(torch.multinomial(p_sub, 1, generator=tr.gen)), ids)
-    ok = criterion(rule, rec.token, logits, ids, p_sub, draw, plan.distance)
+    ok = criterion(rule, rec.token, logits, ids, p_sub, draw, plan.distance, tr.seq[pos])
     return ok, draw, agreed
 
 
@@ -526,6 +607,8 @@ def _check_pending(run: _Run, b: int, full, restricted, first: int, start: int, 
             tr.seq[pos + 1] = token
             rec.token, rec.corrected = token, True
             run.cache.truncate(pos + 1, b)  # positions <= pos saw only kept tokens
+            if run.draft is not None:
+                run.draft.truncate(pos + 1, b)
             return True
         tr.early_probs.pop(pos, None)
     _adapt(plan, tr, all_ok)
@@ -634,7 +717,7 @@ def _plan_row(run: _Run, b: int) -> _RowPlan:
     state = tr.state(plan)
     modality = next_modality(plan.cfg.interleave, state)
     policy = plan.policy(modality)
-    action, L = policy.plan(chunk_index(modality, state), state.since_full, tr.run_len)
+    action, L = policy.plan(chunk_index(modality, state) + tr.phase, state.since_full, tr.run_len)
     return _RowPlan(b, state, modality, policy, action, L if L else plan.bb.num_layers)
 
 
@@ -646,15 +729,14 @@ def _step(run: _Run, rows: list[int]) -> None:
     h = bb.embed(torch.tensor([[run.traces[b].seq[-1]] for b in rows], device=bb.device))
     carry = _Carry(list(rows), h, [run.traces[b].pos for b in rows], [1] * len(rows))
     live = {rp.row: rp for rp in plans}
+    if run.draft is not None:
+        run.draft_need = {rp.row for rp in plans if rp.depth < N}
     at = 0
     for depth in sorted({rp.depth for rp in plans if rp.depth < N}):
         carry = run.run_layers(carry, range(at, depth))
         at = depth
         here = [j for j, b in enumerate(carry.rows) if live[b].depth == depth]
-        last = carry.last()  # [R, 1, H]
-        hl = last if len(here) == len(carry.rows) else last[here]
-        head_logits = plan.heads(depth, hl).float().reshape(len(here), -1)
-        run._meter_matrix(plan.heads.cost(depth), [carry.rows[j] for j in here], len(here), "head")
+        head_logits = run.head_logits(depth, carry, here)
         keep = [j for j in range(len(carry.rows)) if j not in here]
         for n, j in enumerate(here):
             b, rp = carry.rows[j], live[carry.rows[j]]
@@ -668,8 +750,10 @@ def _step(run: _Run, rows: list[int]) -> None:
                 keep.append(j)
         carry = carry.select(sorted(keep))
         if not carry.rows:
+            run.draft_need = set()
             run.batch_meter.step("early")
             return
+    run.draft_need = set()
     # a step's fixed work (embedding, masks, dispatch) is paid once for the whole batch, at the
     # cost of its deepest kind; per-row work is in the passes and the checks
     run.batch_meter.step("full")
@@ -702,9 +786,13 @@ def _finish_full(run: _Run, carry: _Carry, live: dict[int, _RowPlan] | None) -> 
         if n_pending:
             for m in (run.meters[b], run.batch_meter):
                 m.step("check", n_pending)
+        before = len(tr.records) + (live is not None)  # steps this row has run, its own included
         if _check_pending(run, b, full, restricted, first, s, n_pending):
             if live is not None:
                 tr.wasted += 1  # this step's own pass served the check only
+            # the row's chunk index fell back by the steps it discarded; its pattern keeps the
+            # batch's clock (steps since the last full pass), so it goes on sharing passes
+            tr.phase += before - len(tr.records)
         elif live is not None:
             rp = live[b]
             _emit_full(
@@ -777,7 +865,7 @@ def make_plan(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig, prompt_len:
         raise SparkeeError("spar-k:adaptive is a speech policy: its run length follows speech refreshes")
     rule = parse_accept(cfg.accept)
     distance = None
-    if rule.kind == "unit-distance":
+    if "unit-distance" in (rule.kind, rule.inner and rule.inner.kind):
         distance = resolve_distance(cfg.unit_distance)
         if distance is None:
             raise SparkeeError(
@@ -797,6 +885,12 @@ def make_plan(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig, prompt_len:
         raise SparkeeError(f"text-end id {il.text_end_id} is outside the vocabulary (0..{V - 1})")
     if il and il.format == "auto" and cfg.speech_ids is None:
         raise SparkeeError("the auto interleave format needs the speech token range (--speech-ids A:B)")
+    draft = frozenset(p.layer for p in (sp, tp) if p.uses_heads) if heads.attends else frozenset()
+    if draft and cfg.prefill_pool is not None:
+        raise SparkeeError(
+            "adapter heads attend over every prompt position, so they cannot follow --prefill-pool "
+            "(which drops positions): use tuned-lens heads with pooling"
+        )
     if cfg.prefill_pool is not None:
         cfg.prefill_pool.check(N)
         if cfg.speech_ids is None:
@@ -824,6 +918,7 @@ def make_plan(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig, prompt_len:
         frozenset(int(t) for t in cfg.stop_ids),
         frozenset(control),
         prompt_len + cfg.max_new_tokens + 1,
+        draft,
     )
 
 

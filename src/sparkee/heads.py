@@ -1,10 +1,14 @@
 """Exit heads: map the hidden state after layer L to next-token logits.
 
-Three kinds, all saved as safetensors with JSON metadata:
+Four kinds, all saved as safetensors with JSON metadata:
 - logit-lens: the model's final norm and output projection applied to layer L's state (no weights);
 - tuned-lens: a per-layer translator h + A h + b (zero-initialised, so untrained it *is* the logit
   lens), then the model's frozen final norm and output projection;
-- full: a per-layer norm and vocabulary projection (initialised from the model's own).
+- full: a per-layer norm and vocabulary projection (initialised from the model's own);
+- adapter: one decoder layer of the model's own class (initialised from layer L's weights) over
+  layer L's states, with a KV cache of its own, then a per-layer norm and the model's frozen output
+  projection (Kangaroo's shallow-network adapter). It attends over earlier positions, so it is
+  called through `adapter_layer` / `adapter_logits` by the decode loop, which keeps its cache.
 Any head may be restricted to a token-id set (speech ids plus control tokens): its logits then
 cover only those ids, in the order of `token_ids`.
 """
@@ -19,10 +23,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import hf
 from .backbone import FINGERPRINT_VERSION, Backbone
 from .errors import SparkeeError
 
-HEAD_KINDS = ("logit-lens", "tuned-lens", "full")
+HEAD_KINDS = ("logit-lens", "tuned-lens", "full", "adapter")
 FORMAT_NAME = "sparkee-exit-heads"
 FORMAT_VERSION = "1"
 
@@ -62,7 +67,12 @@ class ExitHeads(torch.nn.Module):
         self.per_layer = torch.nn.ModuleDict()
         H, dev, dt = backbone.hidden_size, backbone.lm_head.weight.device, backbone.dtype
         for layer in layers if kind != "logit-lens" else []:
-            if kind == "tuned-lens":
+            if kind == "adapter":  # cache layer k of the decode loop's adapter cache
+                block = hf.decoder_layer_like(backbone.model, layer, layers.index(layer)).to(dev, dt)
+                self.per_layer[str(layer)] = torch.nn.ModuleDict(
+                    {"layer": block, "norm": copy.deepcopy(backbone.norm).to(dev)}
+                )
+            elif kind == "tuned-lens":
                 tr = torch.nn.Linear(H, H, bias=True, device=dev, dtype=dt)
                 torch.nn.init.zeros_(tr.weight)
                 torch.nn.init.zeros_(tr.bias)
@@ -86,12 +96,33 @@ class ExitHeads(torch.nn.Module):
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Logits at exit layer `layer` from the hidden state after that many layers ([.., H] -> [.., out_size])."""
         bb = self.backbone
+        if self.kind == "adapter":
+            raise SparkeeError(
+                "adapter heads attend over earlier positions: the decode loop calls adapter_layer and "
+                "adapter_logits with its cache (they have no per-state forward)"
+            )
         if self.kind == "full":
             m = self.per_layer[str(layer)]
             return m["proj"](m["norm"](h))
         if self.kind == "tuned-lens":
             h = h + self.per_layer[str(layer)](h)
         return bb.project(bb.final_norm(h), self.token_ids)
+
+    @property
+    def attends(self) -> bool:
+        """The head reads earlier positions (an adapter): the decode loop keeps a cache for it."""
+        return self.kind == "adapter"
+
+    def adapter_layer(self, layer: int, h, mask, position_ids, position_embeddings, cache) -> torch.Tensor:
+        """The adapter's decoder layer over layer `layer`'s states h [R, r, H]; KV go to `cache`
+        (cache layer = index of `layer` in self.layers; None while training, causal over r)."""
+        return hf.call_layer(
+            self.per_layer[str(layer)]["layer"], h, mask, position_ids, position_embeddings, cache
+        )
+
+    def adapter_logits(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """Logits from adapter outputs ([.., H] -> [.., out_size])."""
+        return self.backbone.project(self.per_layer[str(layer)]["norm"](out), self.token_ids)
 
     def use_fast_kernels(self) -> None:
         """Run the heads' own linear layers with the backbone's measured kernels (inference only:
@@ -101,12 +132,17 @@ class ExitHeads(torch.nn.Module):
         for k, m in self.per_layer.items():
             if isinstance(m, torch.nn.Linear):
                 self.per_layer[k] = fast_linear(m, self.backbone)
-            elif isinstance(m, torch.nn.ModuleDict):
+            elif isinstance(m, torch.nn.ModuleDict) and "proj" in m:
                 m["proj"] = fast_linear(m["proj"], self.backbone)
+            elif isinstance(m, torch.nn.ModuleDict):  # an adapter's decoder layer
+                for parent in list(m["layer"].modules()):
+                    for name, child in list(parent.named_children()):
+                        if type(child) is torch.nn.Linear:
+                            hf.replace_module(parent, name, fast_linear(child, self.backbone))
 
     def cost(self, layer: int) -> int:
         """Weight elements read (= multiply-adds per row) to evaluate the head once."""
-        H = self.hidden_size
+        H = self.hidden_size  # an adapter's decoder layer is metered as a layer pass, apart
         return H * self.out_size + (H * H + H if self.kind == "tuned-lens" else 0)
 
     def metadata(self) -> dict[str, str]:

@@ -337,6 +337,21 @@ def linear_slots(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str,
     yield model, "lm_head", p.lm_head, True
 
 
+def decoder_layer_like(model: torch.nn.Module, source: int, layer_idx: int) -> torch.nn.Module:
+    """A new decoder layer of the model's own class and config, holding a copy of layer `source`'s
+    weights, whose attention writes cache layer `layer_idx` (an adapter head's layer)."""
+    src = parts(model).layers[source]
+    block = type(src)(model.config, source)  # per-layer config (layer_types) as layer `source`
+    block.load_state_dict({k: v.detach().clone() for k, v in src.state_dict().items()})
+    attn = getattr(block, "self_attn", None)
+    if attn is None or not hasattr(attn, "layer_idx"):
+        raise ContractError(
+            f"{type(block).__name__} has no self_attn.layer_idx: sparkee sets it to aim the cache"
+        )
+    attn.layer_idx = layer_idx  # the index its cache.update() calls name
+    return block
+
+
 def replace_module(parent: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     setattr(parent, name, new)
 

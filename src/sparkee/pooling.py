@@ -32,7 +32,7 @@ class PoolSpec:
     layer: int  # pool the state after this many layers (1 <= layer < num_layers)
     window_in: int = 1
     window_deep: int = 3
-    position: str = "first"  # measured better than "mean" on the reference SLM (README)
+    position: str = "first"  # measured better than "mean" on the reference SLM (docs/results.md)
 
     def check(self, num_layers: int) -> None:
         if not 1 <= self.layer < num_layers:

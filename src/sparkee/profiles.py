@@ -30,6 +30,7 @@ from .sources import PromptItem, load_tokenizer, read_prompt_file
 REFSLM_META = "sparkee_refslm.json"
 REFSLM_SOURCE = "refslm:"
 BUNDLED_HEADS = "tuned-lens-speech.safetensors"
+BUNDLED_ADAPTER = "adapter-speech.safetensors"  # adapter heads (heads.py), the stronger draft
 # the paper's confidence threshold for GLM-4-Voice, used by the default rows of models without any
 CONFIDENCE_NATS = 0.5
 
@@ -181,6 +182,7 @@ class ReferenceProfile(ModelProfile):
     """The bundled reference SLM: it hears its questions as speech units and answers greedily."""
 
     vocab: Any = None  # sparkee.refslm.vocab.RefVocab of the model directory
+    adapter: Path | None = None  # the bundled adapter heads, if any
 
     def encode_text(self, text: str, fmt: str | None = None) -> list[int]:
         """The words spoken as speech units, in the prompt the model was trained on.
@@ -221,8 +223,13 @@ class ReferenceProfile(ModelProfile):
 
     def verified_row(self, num_layers: int) -> str:
         """The demo's verified row: the fastest lossless row of the frontier on the bundled model
-        (README, "The speed-quality frontier"): FEEE at a quarter of the depth, exact rule."""
+        (docs/results.md, "The speed-quality frontier"): FEEE at a quarter of the depth, exact rule."""
         return f"spar-k:FEEE:{max(1, num_layers // 4)}+verify"
+
+    def adapter_row(self) -> str | None:
+        """The demo's row with the bundled adapter heads: the fastest lossless row measured with
+        them (docs/heads.md, "Adapter heads"): seven-step cycles exiting after one layer, exact rule."""
+        return None if self.adapter is None else f"spar-k:FEEEEEE:1+verify@{self.adapter}"
 
     def prompts(self, source: str, fmt: str | None = None) -> list[PromptItem]:
         if not source.startswith(REFSLM_SOURCE):
@@ -325,11 +332,18 @@ def _reference_profile(d: Path) -> ReferenceProfile:
     except (ValueError, KeyError, TypeError):
         raise SparkeeError(f"'{d / REFSLM_META}' is not a valid reference-model description") from None
     vocab = load_vocab(d / "vocab.json" if (d / "vocab.json").is_file() else None)
-    heads = ASSET_DIR / "heads" / BUNDLED_HEADS
+    heads, adapter = ASSET_DIR / "heads" / BUNDLED_HEADS, ASSET_DIR / "heads" / BUNDLED_ADAPTER
     bundled = d.resolve() == bundled_model_dir().resolve() and heads.is_file()
     # the reference SLM was trained on one set of answers per question: greedy, its own speech
     # policy stays "full" and the paper's rows at 3/4 of its depth are the default comparison
-    return ReferenceProfile("refslm", d, cfg, heads=heads if bundled else None, vocab=vocab)
+    return ReferenceProfile(
+        "refslm",
+        d,
+        cfg,
+        heads=heads if bundled else None,
+        vocab=vocab,
+        adapter=adapter if bundled and adapter.is_file() else None,
+    )
 
 
 def _eos_ids(d: Path | None, bb) -> list[int]:

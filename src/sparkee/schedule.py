@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import SparkeeError
+from .syntax import POLICY_SYNTAX
 
 Modality = Literal["text", "speech"]
 NAMED_PATTERNS = {"even": "FE", "odd": "EF", "triple": "FEE"}
@@ -80,9 +81,6 @@ def _parse_int(text: str, spec: str, what: str = "exit layer") -> int:
     if not re.fullmatch(r"\d+", text):
         raise SparkeeError(f"policy '{spec}' needs a whole-number {what}, got '{text}'")
     return int(text)
-
-
-POLICY_SYNTAX = "full, fixed:L, confidence:L:H, spar-k:even|odd|triple|PATTERN:L or spar-k:adaptive:L[:KMAX]"
 
 
 def parse_policy(spec: str, num_layers: int | None = None) -> Policy:

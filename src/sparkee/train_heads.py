@@ -30,7 +30,7 @@ from .backbone import Backbone
 from .errors import SparkeeError
 from .generate import GenerationConfig
 from .heads import ExitHeads
-from .labels import Labels, collect_labels, layer_metrics, teacher_logits
+from .labels import Labels, adapter_logits_of, collect_labels, layer_metrics, pad_sequences, teacher_logits
 from .progress import Progress
 from .sources import PromptItem, prompts_digest
 
@@ -104,6 +104,24 @@ class DistillLoss(torch.nn.Module):
         return loss / len(self.heads.layers)
 
 
+class AdapterLoss(torch.nn.Module):
+    """Adapter heads over whole sequences: soft-target cross-entropy on the target rows."""
+
+    def __init__(self, bb: Backbone, heads: ExitHeads):
+        super().__init__()
+        self.heads = heads
+        self.bb = bb  # not a submodule: frozen
+
+    def forward(self, hidden: torch.Tensor, target_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # hidden: [layers, B, T, H] right-padded; target_logp: [n, V'] for the n True cells of valid [B, T]
+        p = target_logp.exp()
+        loss = 0.0
+        for j, L in enumerate(self.heads.layers):
+            logq = adapter_logits_of(self.bb, self.heads, L, hidden[j]).float()[valid].log_softmax(-1)
+            loss = loss + -(p * logq).sum(-1).mean()
+        return loss / len(self.heads.layers)
+
+
 def _save_state(path: Path, heads: ExitHeads, opt: torch.optim.Optimizer, step: int, key: str) -> None:
     tensors = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.per_layer.state_dict().items()}
     sd = opt.state_dict()
@@ -148,7 +166,8 @@ def distill(
     stop_after: int | None = None,
     state_key: str = "",
 ) -> bool:
-    """Train `heads` in place. Rows are drawn in a seeded order that a resumed run reproduces.
+    """Train `heads` in place. Rows are drawn in a seeded order that a resumed run reproduces
+    (for adapter heads, whole sequences: `batch_size` of them per step, loss on target rows).
 
     `stop_after`: run at most that many steps now, checkpoint, and return False (for time-boxed or
     preemptible jobs; rerun to continue). Returns True once all `steps` are done.
@@ -159,7 +178,11 @@ def distill(
         raise SparkeeError("no training rows: the prompts produced no steps of the chosen token set")
     bb.model.requires_grad_(False)
     heads.train()
-    module = DistillLoss(heads)
+    module = AdapterLoss(bb, heads) if heads.attends else DistillLoss(heads)
+    spans = train.sequences() if heads.attends else None
+    n_units = len(spans) if spans is not None else len(train)
+    # an adapter learns from speech rows only when its heads are restricted to the speech set
+    learn = train.targets() & (train.speech if heads.token_ids is not None else True)
     opt = torch.optim.AdamW(heads.per_layer.parameters(), lr=lr, weight_decay=0.0)
 
     factor = lr_factor(min(WARMUP_STEPS, max(1, steps // 10)), steps)
@@ -171,7 +194,7 @@ def distill(
         start = _load_state(state_path, heads, raw_opt, state_key)
     is_main = accelerator is None or accelerator.is_main_process
     gen = torch.Generator().manual_seed(seed)
-    per_epoch = max(1, len(train) // batch_size)
+    per_epoch = max(1, n_units // batch_size)
     order = None
     end = steps if stop_after is None else min(steps, start + stop_after)
     bar = Progress(range(start, end), desc="train heads", initial=start, total=steps, enabled=is_main)
@@ -179,11 +202,19 @@ def distill(
         epoch, k = divmod(step, per_epoch)
         if order is None or k == 0 or step == start:
             gen.manual_seed(seed * 100003 + epoch)
-            order = torch.randperm(len(train), generator=gen)
+            order = torch.randperm(n_units, generator=gen)
         rows = order[k * batch_size : (k + 1) * batch_size]
-        hidden = train.hidden[:, rows].to(bb.dtype)
-        target = teacher_logits(bb, train.final[rows], heads.token_ids).log_softmax(-1)
-        loss = module(hidden, target)
+        if spans is None:
+            hidden = train.hidden[:, rows].to(bb.dtype)
+            target = teacher_logits(bb, train.final[rows], heads.token_ids).log_softmax(-1)
+            loss = module(hidden, target)
+        else:
+            group = [spans[i] for i in rows.tolist()]
+            valid = pad_sequences(learn, group)
+            hidden = torch.stack([pad_sequences(train.layer(L), group) for L in train.layers]).to(bb.dtype)
+            final = pad_sequences(train.final, group)[valid]
+            target = teacher_logits(bb, final, heads.token_ids).log_softmax(-1)
+            loss = module(hidden, target, valid)
         for group in opt.param_groups:
             group["lr"] = lr * factor(step)
         opt.zero_grad(set_to_none=True)
@@ -263,6 +294,7 @@ def run_training(
     n_val = max(1, round(val_fraction * len(prompts))) if len(prompts) > 1 else 0
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     cfg_for = cfg_for or (lambda item: gen_cfg)
+    attends = kind == "adapter"  # adapters learn over whole sequences, prompts included
 
     def label(idx: list[int], desc: str) -> Labels:
         if not idx:
@@ -277,18 +309,22 @@ def run_training(
             indices=idx,
             desc=desc,
             batch_size=label_batch_size,
+            context=attends,
         )
 
     # per-item configs derive from gen_cfg and the item's metadata, which the digest covers
     made_from = (bb.fingerprint(), prompts_digest(prompts), config_json(gen_cfg), layers, seed, val_fraction)
+    made_from += ("context",) if attends else ()  # labels with the prompt's positions
     mine = train_idx[rank::world]  # prompts are sharded across processes
     train = _labels_cached(
         work / f"labels-train-{rank}of{world}.safetensors",
         _key(*made_from, "train", rank, world),
         lambda: label(mine, f"labels[{rank}]"),
     )
-    if token_ids is not None:
+    if token_ids is not None and not attends:
         train = train.speech_rows()
+    if attends and not bool(train.targets().any()):
+        raise SparkeeError("no training rows: the prompts produced no generated steps")
     heads = ExitHeads(bb, kind, layers, token_ids)
     token_set = None if token_ids is None else heads.token_ids.tolist()
     # labels are shared by every head trained from the same prompts; training state is not
@@ -314,14 +350,19 @@ def run_training(
         val = _labels_cached(
             work / "labels-val.safetensors", _key(*made_from, "val"), lambda: label(val_idx, "val labels")
         )
-        if token_ids is not None:
-            val = val.speech_rows()
+        if attends:  # scored on every generated step, or the speech ones for a speech token set
+            val_rows = val.speech_rows() if token_ids is not None else val.target_rows()
+            if token_ids is not None:
+                val.target = val.targets() & val.speech
+        else:
+            val = val_rows = val.speech_rows() if token_ids is not None else val
         lens = ExitHeads(bb, "logit-lens", layers, token_ids)
         metrics = {
             "heads": {str(k): v for k, v in layer_metrics(bb, heads, val).items()},
-            "logit_lens": {str(k): v for k, v in layer_metrics(bb, lens, val).items()},
-            "train_rows": len(train) * world,
-            "val_rows": len(val),
+            "logit_lens": {str(k): v for k, v in layer_metrics(bb, lens, val_rows).items()},
+            "train_rows": int((train.targets() & (train.speech if token_ids is not None else True)).sum())
+            * world,
+            "val_rows": len(val_rows),
             "val_prompts": len(val_idx),
             "train_prompts": len(train_idx),
         }

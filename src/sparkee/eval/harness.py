@@ -44,12 +44,15 @@ class Row:
     speech: str
     pool: str | None = None  # --prefill-pool spec of this row, if any
     accept: str | None = None  # verified mode with this acceptance rule (row suffix +verify[=RULE])
+    heads: str | None = None  # this row's exit heads (row suffix @HEADS); None: the run's --heads
 
     @property
     def name(self) -> str:
         name = self.speech if self.text == "full" else f"{self.text}|{self.speech}"
         if self.accept is not None:
             name += "+verify" if self.accept == "exact" else f"+verify={self.accept}"
+        if self.heads is not None:
+            name += f"@{heads_label(self.heads)}"
         return name if self.pool is None else f"{name} pool({self.pool})"
 
     @property
@@ -64,11 +67,26 @@ class Row:
 VERIFY_SUFFIX = "+verify"
 
 
+def heads_label(spec: str) -> str:
+    """A row's heads as its name shows them: a file's stem, or the keyword (bundled, logit-lens)."""
+    return spec if spec in ("bundled", "logit-lens") else Path(spec).stem
+
+
 def parse_row(entry: str, text_policy: str = "full", num_layers: int | None = None) -> Row:
-    """One row: `SPEECH` or `TEXT|SPEECH`, optionally ending in `+verify` (the exact rule) or
-    `+verify=RULE` (an acceptance rule, see accept.py), e.g. `spar-k:FEEE:8+verify=topk:2`."""
+    """One row: `SPEECH` or `TEXT|SPEECH`, optionally followed by `+verify` (the exact rule) or
+    `+verify=RULE` (an acceptance rule, see accept.py), then optionally `@HEADS` (a heads file,
+    `bundled` or `logit-lens`: this row's exit heads instead of --heads), e.g.
+    `spar-k:FEEE:8+verify=topk:2` or `spar-k:FEEEEE:1+verify@adapter.safetensors`."""
     from ..accept import parse_accept
 
+    heads = None
+    if "@" in entry:
+        entry, _, heads = entry.rpartition("@")
+        heads = heads.strip()
+        if not heads:
+            raise SparkeeError(
+                f"row '{entry}@' names no heads after '@' (a heads file, bundled or logit-lens)"
+            )
     accept = None
     if VERIFY_SUFFIX in entry:
         entry, _, rule = entry.partition(VERIFY_SUFFIX)
@@ -78,7 +96,7 @@ def parse_row(entry: str, text_policy: str = "full", num_layers: int | None = No
     text, speech = entry.split("|", 1) if "|" in entry else (text_policy, entry)
     for spec in (text, speech):
         parse_policy(spec, num_layers)
-    return Row(text.strip(), speech.strip(), accept=accept)
+    return Row(text.strip(), speech.strip(), accept=accept, heads=heads)
 
 
 # the frontier sweep of verified SPAR-K (`eval --frontier`): patterns x exit layers x rules
@@ -122,7 +140,7 @@ def parse_rows(
                 for layer in range(a, b):
                     spec = re.sub(r":\d+(?=(:[\d.]+)?$)", f":{layer}", r.speech, count=1)
                     parse_policy(spec, num_layers)
-                    swept.append(Row(r.text, spec, accept=r.accept))
+                    swept.append(replace(r, speech=spec))
         rows = swept
     if pools:
         from ..pooling import parse_pool
@@ -131,7 +149,7 @@ def parse_rows(
             spec = parse_pool(p)
             if num_layers is not None:
                 spec.check(num_layers)
-        rows = rows + [Row(r.text, r.speech, p, r.accept) for r in rows for p in pools]
+        rows = rows + [replace(r, pool=p) for r in rows for p in pools]
     rows = list(dict.fromkeys(rows))
     if not any(r.is_full for r in rows):
         rows.insert(0, Row("full", "full"))
@@ -151,6 +169,10 @@ class EvalRun:
     verify: bool = False  # every row verified with the exact rule (rows may name their own rule)
     batch_size: int = 1  # examples of one row decoded together (generate_batch)
     records: list[dict] = field(default_factory=list)
+    row_heads: dict[str, ExitHeads] = field(default_factory=dict)  # Row.heads spec -> loaded heads
+
+    def heads_for(self, row: Row) -> ExitHeads:
+        return self.heads if row.heads is None else self.row_heads[row.heads]
 
 
 def _key(row: Row, i: int) -> str:
@@ -253,7 +275,7 @@ def evaluate_batch(run: EvalRun, row: Row, items: list[tuple[int, PromptItem]]) 
     batch's size (alone, that is its own time)."""
     cfg = _row_config(run.cfg_for(items[0][1]), row, run.verify)
     t0 = time.perf_counter()
-    results = _decode(run, [item.ids for _, item in items], cfg)
+    results = _decode(run, [item.ids for _, item in items], cfg, run.heads_for(row))
     wall = (time.perf_counter() - t0) / len(items)
     return [
         _record(run, row, i, item, res, cfg, wall, len(items))
@@ -261,11 +283,11 @@ def evaluate_batch(run: EvalRun, row: Row, items: list[tuple[int, PromptItem]]) 
     ]
 
 
-def _decode(run: EvalRun, prompts: list[list[int]], cfg: GenerationConfig) -> list:
+def _decode(run: EvalRun, prompts: list[list[int]], cfg: GenerationConfig, heads: ExitHeads) -> list:
     """The timed work of a unit: one prompt alone, several as one batch (tests wrap this)."""
     if len(prompts) == 1:
-        return [generate(run.bb, prompts[0], cfg, heads=run.heads)]
-    return generate_batch(run.bb, prompts, cfg, heads=run.heads)
+        return [generate(run.bb, prompts[0], cfg, heads=heads)]
+    return generate_batch(run.bb, prompts, cfg, heads=heads)
 
 
 WARMUP_TOKENS = 4
@@ -283,7 +305,7 @@ def _warm_up(run: EvalRun, units: list[tuple[Row, list]]) -> None:
         cfg = _row_config(run.cfg_for(items[0][1]), row, run.verify)
         cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, WARMUP_TOKENS))
         with contextlib.suppress(Exception):  # the timed run records any error, with its example
-            _decode(run, [item.ids for _, item in items], cfg)
+            _decode(run, [item.ids for _, item in items], cfg, run.heads_for(row))
 
 
 def _record(
@@ -409,7 +431,7 @@ def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
     Results already in the file are kept; examples that failed before are tried again."""
     for row in run.rows:  # settings that would fail every example fail here, once
         probe = run.prompts[0]
-        check_config(run.bb, run.heads, _row_config(run.cfg_for(probe), row, run.verify))
+        check_config(run.bb, run.heads_for(row), _row_config(run.cfg_for(probe), row, run.verify))
     run.out.mkdir(parents=True, exist_ok=True)
     path = run.out / RESULTS
     done = _load_done(path)

@@ -581,6 +581,12 @@ def _suggested(server: Server) -> list[dict]:
     N = server.num_layers
     L = max(1, N // 4)
     out = [{"label": "full depth", "speech_policy": "full", "verify": False}]
+    heads = server.engine.heads
+    if heads.attends:  # adapter heads: a long draft after their shallowest layer
+        A = heads.layers[0]
+        label = f"SPAR-K FEEEEEE at {A} with the adapter, verified (lossless)"
+        out.append({"label": label, "speech_policy": f"spar-k:FEEEEEE:{A}", "verify": True})
+        return out
     if server.engine.heads.has(L) or server.engine.heads.kind == "logit-lens":
         out.append(
             {

@@ -1,4 +1,4 @@
-"""sparkee's optional vLLM integration (install `sparkee[vllm]`; see README "Serving with vLLM").
+"""sparkee's optional vLLM integration (install `sparkee[vllm]`; see docs/serving.md, "Serving with vLLM").
 
 - `run`: offline plain vs speculative runs on token-id prompts, with the engine's acceptance counters;
 - `proposer.ShallowProposer`: a `custom_class` proposer drafting with the target's own first L layers
