@@ -3,7 +3,7 @@ VENV  ?= .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.sparkee-setup
 
-.PHONY: setup demo test test-latest test-oldest lock lint format bench test-vllm
+.PHONY: setup demo test test-latest test-oldest lock lint format bench test-vllm docs
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
@@ -45,3 +45,8 @@ bench: setup
 test-vllm:
 	bash scripts/setup_vllm.sh
 	.venv-vllm/bin/python -m pytest tests/vllm -p no:cacheprovider
+
+# The documentation site (mkdocs.yml, docs/) built with --strict into .cache/site, in a venv of its
+# own (.venv-docs: mkdocs, mkdocs-material, pymdown-extensions, pinned in scripts/docs.sh).
+docs:
+	bash scripts/docs.sh

@@ -23,7 +23,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # Every package at the version CI tested: the lock (constraints.txt, made by scripts/lock.sh).
 # torch first: a bare `torch` requirement would pull a multi-GB CUDA build here; the lock's
-# torch==2.13.0 is the CPU build on this project's machines. GPU users: see README, "Installing".
+# torch==2.13.0 is the CPU build on this project's machines. GPU users: see docs/install.md.
 LOCK=constraints.txt
 pipq() {  # pip, less the warnings about this machine's local package folders; keeps pip's status
   local out rc=0
