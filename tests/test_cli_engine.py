@@ -178,7 +178,8 @@ def test_eval_verified_rows_batches_and_timing_drift(qwen_dir, data, tmp_path):
     tolerant = s1["spar-k:FEEE:2+verify=topk:3"]
     assert tolerant["speech_acceptance"] >= exact["speech_acceptance"]
     assert tolerant["rejected_steps"] <= exact["rejected_steps"]
-    assert exact["accepted_per_refresh"] is not None
+    # FEEE keeps at most 3 early tokens per refresh; topk:3 keeps at least as many as exact
+    assert 0 <= exact["accepted_per_refresh"] <= tolerant["accepted_per_refresh"] <= 3
     table = (tmp_path / "b1" / "table.md").read_text()
     assert "speech acceptance %" in table and "length drift (frames)" in table
     assert (tmp_path / "b1" / "frontier.png").is_file()

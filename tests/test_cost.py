@@ -68,10 +68,12 @@ def test_predictions_use_the_calibration_when_asked(cache_dir):
     assert mem["cost_model"] == "memory-bound" and mem["predicted_speedup_calibrated"] is None
     cal = generate(bb, PROMPT, GenerationConfig(**{**cfg.__dict__, "calibrate": True})).stats
     assert cal["cost_model"] == "calibrated"
-    assert cal["predicted_speedup"] == cal["predicted_speedup_calibrated"] > 0
+    # even at 2 of 4 layers runs 3/4 of the layers, and no step kind is cheaper than its layers:
+    # the prediction can never beat 4/3 (and a sane one is not below half)
+    assert 0.5 < cal["predicted_speedup"] == cal["predicted_speedup_calibrated"] <= 4 / 3
     assert cal["predicted_speedup_memory_bound"] == pytest.approx(mem["predicted_speedup"])
     batch = generate_batch(bb, [PROMPT, PROMPT[:2]], GenerationConfig(**{**cfg.__dict__, "calibrate": True}))
-    assert batch[0].stats["batch_predicted_speedup_calibrated"] > 0
+    assert 0.5 < batch[0].stats["batch_predicted_speedup_calibrated"] <= 4 / 3
 
 
 def test_calibrated_time_adds_up_the_passes():

@@ -187,9 +187,7 @@ def test_verified_exact_rule_equals_full_depth(ref):
         ver = chat(ref, q, max_tokens=150, sparkee=VERIFIED | {"return_tokens": True}).json()
         assert ver["sparkee"]["tokens"] == full["sparkee"]["tokens"]
         assert ver["choices"][0]["message"]["content"] == full["choices"][0]["message"]["content"]
-        assert (
-            ver["sparkee"]["avg_exit_layer_speech"] < 16 and ver["sparkee"]["speech_acceptance"] is not None
-        )
+        assert ver["sparkee"]["avg_exit_layer_speech"] < 16 and 0 < ver["sparkee"]["speech_acceptance"] <= 1
 
 
 @pytest.mark.skipif(not espeak_available(), reason="espeak-ng and sox are needed for audio")
@@ -221,7 +219,8 @@ def test_audio_non_streaming_and_streaming(ref):
         with wave.open(io.BytesIO(base64.b64decode(c))) as w:
             pcm += w.readframes(w.getnframes())
     assert len(pcm) == len(whole)  # the same pieces (sox dithers: samples differ in the last bit)
-    assert events[-2]["sparkee"]["time_to_first_audio_s"] is not None
+    stats = events[-2]["sparkee"]
+    assert 0 < stats["time_to_first_audio_s"] < 60  # seconds from the request, on loopback
 
 
 def test_metrics_report_latencies_batches_and_speech(ref):
