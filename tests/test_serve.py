@@ -547,3 +547,39 @@ def test_adapter_heads_serve_verified_rows_that_equal_full_depth():
             assert a["sparkee"]["avg_exit_layer_speech"] < 8
     finally:
         r.stop()
+
+
+def test_each_admitted_row_sends_its_first_token_before_the_next_prefill():
+    """Requests admitted together: each one's first token leaves as soon as its own prompt is
+    prefilled, so time to first token in a burst is not every admitted prompt's prefill."""
+    from sparkee.engine import Engine
+    from sparkee.serve.metrics import Metrics
+    from sparkee.serve.worker import Job, Worker
+
+    bb = wrap_model(tiny_model("qwen2", layers=2))
+    engine = Engine(bb, None, GenerationConfig(max_new_tokens=3), max_batch_size=3, calibration=None)
+    worker = Worker(engine, Metrics())
+    log: list[tuple] = []
+    add = engine.add
+
+    def spy_add(prompt, *a, **k):
+        log.append(("prefill", tuple(prompt)))
+        return add(prompt, *a, **k)
+
+    engine.add = spy_add
+    jobs = [Job([3, 4, 5 + i], engine.plan_for(3), loop=None) for i in range(3)]
+    for job in jobs:
+        job.send = lambda item, job=job: log.append((item[0], tuple(job.prompt)))
+    worker.pause()
+    worker.start()
+    try:
+        for job in jobs:
+            worker.submit(job)
+        worker.pause(False)
+        wait_for(lambda: sum(k == "done" for k, _ in log) == 3, "three answers")
+    finally:
+        worker.stop(drain_s=5)
+    first = [e for e in log if e[0] in ("prefill", "tokens")][:6]
+    assert first == [
+        e for job in jobs for e in (("prefill", tuple(job.prompt)), ("tokens", tuple(job.prompt)))
+    ]

@@ -224,11 +224,11 @@ class Worker:
                 continue
             self._rows[job.row] = job
             self.metrics.prompt_tokens.inc(len(job.prompt))
+            # its first token (from the prefill) goes out now, not after the other prefills
+            self._dispatch(eng.drain())
         self.metrics.running.set(len(self._rows))
         if not self._rows:
             return True
-        if admit:
-            self._dispatch(eng.drain())  # first tokens (from the prefills) go out before the step
         step = eng.step()
         self.steps += 1
         if step.rows:
