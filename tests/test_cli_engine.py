@@ -87,7 +87,10 @@ def test_bad_engine_options_exit_2_with_one_sentence(qwen_dir, tmp_path, args, m
 
 
 def test_calibrate_command_measures_caches_and_prints(qwen_dir, tmp_path, monkeypatch):
+    from sparkee import cost
+
     monkeypatch.setenv("SPARKEE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cost, "split_half_drift", lambda series: 0.0)  # a busy CI machine caches nothing
     res = runner.invoke(app, ["calibrate", "--model", str(qwen_dir)])
     assert res.exit_code == 0, res.output
     assert "layer passes" in res.output and "predicted speed-up" in res.output
@@ -98,6 +101,11 @@ def test_calibrate_command_measures_caches_and_prints(qwen_dir, tmp_path, monkey
     assert json.loads(again.stdout)["key"] == json.loads(files[0].read_text())["key"]
     forced = runner.invoke(app, ["calibrate", "--model", str(qwen_dir), "--force"])
     assert forced.exit_code == 0 and "measuring decode costs" in forced.output
+    # a machine whose speed moved, twice: the measurement is reported and not cached
+    monkeypatch.setattr(cost, "split_half_drift", lambda series: 0.5)
+    busy = runner.invoke(app, ["calibrate", "--model", str(qwen_dir), "--force"])
+    assert busy.exit_code == 0 and "UNSTEADY" in busy.output and "not cached" in busy.output
+    assert not list((tmp_path / "cache" / "calibration").glob("*.json"))
 
 
 def test_rows_carry_their_acceptance_rule():

@@ -486,7 +486,10 @@ def calibrate(
         typer.echo(json.dumps(cal.to_json()))
         return
     print_calibration(bb, cal)
-    typer.echo(f"cached in {path}")
+    if cal.drift > cost.UNSTEADY:
+        typer.echo("not cached: the machine's speed moved while measuring; rerun on a quiet machine")
+    else:
+        typer.echo(f"cached in {path}")
 
 
 def print_calibration(bb, cal) -> None:
@@ -510,7 +513,7 @@ def print_calibration(bb, cal) -> None:
         m.add_row(f"{el:,}", *[f"{1e3 * x:.3f}" for x in row])
     con.print(m)
     con.print("step overheads (ms): " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in cal.overhead.items()))
-    steady = "steady" if cal.drift <= cost.UNSTEADY else "UNSTEADY: rerun with --force on a quiet machine"
+    steady = "steady" if cal.drift <= cost.UNSTEADY else "UNSTEADY: measured twice, not cached"
     con.print(f"layer timings moved {100 * cal.drift:.1f}% between the halves of the rounds ({steady})")
     p = Table(
         "schedule (every step speech)",

@@ -287,14 +287,20 @@ def load_or_calibrate(bb, heads=None, progress: bool = True) -> Calibration:
             flush=True,
         )
     cal = calibrate(bb, progress=progress)
+    if cal.drift > UNSTEADY:  # the machine changed speed while measuring: once more, keep the steadier
+        again = calibrate(bb, progress=progress)
+        cal = min(cal, again, key=lambda c: c.drift)
     if cal.drift > UNSTEADY:
+        # never cached: a cached calibration is used by every later run on this machine
         print(
-            f"sparkee: warning: layer timings moved by {100 * cal.drift:.0f}% while calibrating (a busy "
-            "machine?); predictions may be off: rerun `sparkee calibrate --force` on a quiet machine.",
+            f"sparkee: warning: layer timings moved by {100 * cal.drift:.0f}% while calibrating, twice (a "
+            "busy machine?); predictions may be off and this calibration is not cached: rerun "
+            "`sparkee calibrate` on a quiet machine.",
             file=sys.stderr,
             flush=True,
         )
-    write_cached("calibration", cal.key, cal.to_json())
+    else:
+        write_cached("calibration", cal.key, cal.to_json())
     bb._calibration = cal
     return cal
 
@@ -430,7 +436,8 @@ def calibrate(bb, progress: bool = True, rows: tuple[int, ...] = ROWS, budget_s:
     return cal
 
 
-# beyond this, the machine's speed moved while calibrating and predictions may be off by as much
+# beyond this, the machine's speed moved while calibrating and predictions may be off by as much:
+# such a calibration is measured once more and, if it moves again, used but never cached
 UNSTEADY = 0.15
 
 
