@@ -75,6 +75,22 @@ RepetitionOpt = Annotated[
     ),
 ]
 
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="0 = off (the default).")]
+SpeechVocabOnlyOpt = Annotated[
+    bool,
+    typer.Option("--speech-vocab-only", help="At speech steps project onto speech and control ids only."),
+]
+VocabAuditOpt = Annotated[
+    bool,
+    typer.Option(
+        "--vocab-audit/--no-vocab-audit",
+        help="Count tokens --speech-vocab-only changed (costs a full projection).",
+    ),
+]
+CheckpointOpt = Annotated[
+    Path, typer.Option("--model", help="Hugging Face checkpoint directory (Qwen2, Llama or Glm layout).")
+]
+
 # the decoding options shared by generate, train-heads, layer-report and eval (None: the model's own)
 DECODING_OPTIONS = {
     "preset": Annotated[
@@ -253,9 +269,7 @@ def load_data(
 @friendly
 @decoding_options
 def generate(
-    model: Path = typer.Option(
-        ..., "--model", help="Hugging Face checkpoint directory (Qwen2, Llama or Glm layout)."
-    ),
+    model: CheckpointOpt,
     heads: str = typer.Option(
         "logit-lens", "--heads", help="Exit heads file (.safetensors) or 'logit-lens'."
     ),
@@ -278,7 +292,7 @@ def generate(
         None, "--temperature", help="0 = greedy (default: 0, or the preset's)."
     ),
     top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass (default: 1, or the preset's)."),
-    top_k: int = typer.Option(None, "--top-k", help="0 = off (the default)."),
+    top_k: TopKOpt = None,
     seed: int = typer.Option(None, "--seed"),
     verify: bool = typer.Option(
         False,
@@ -290,14 +304,8 @@ def generate(
     ),
     unit_distance: UnitDistanceOpt = None,
     repetition_penalty: RepetitionOpt = None,
-    speech_vocab_only: bool = typer.Option(
-        False, "--speech-vocab-only", help="At speech steps project onto speech and control ids only."
-    ),
-    vocab_audit: bool = typer.Option(
-        True,
-        "--vocab-audit/--no-vocab-audit",
-        help="Count tokens --speech-vocab-only changed (costs a full projection).",
-    ),
+    speech_vocab_only: SpeechVocabOnlyOpt = False,
+    vocab_audit: VocabAuditOpt = True,
     prefill_pool: str = typer.Option(
         None, "--prefill-pool", help=f"Affinity Pooling of the speech input: {POOL_SYNTAX}."
     ),
@@ -1027,9 +1035,7 @@ def demo(
 @friendly
 @decoding_options
 def serve(
-    model: Path = typer.Option(
-        ..., "--model", help="Hugging Face checkpoint directory (Qwen2, Llama or Glm layout)."
-    ),
+    model: CheckpointOpt,
     heads: str = typer.Option(
         "logit-lens", "--heads", help="Exit heads file (.safetensors), 'logit-lens' or 'bundled'."
     ),
@@ -1044,19 +1050,15 @@ def serve(
     ),
     temperature: float = typer.Option(None, "--temperature", help="Default temperature (0 = greedy)."),
     top_p: float = typer.Option(None, "--top-p", help="Default nucleus sampling mass."),
-    top_k: int = typer.Option(None, "--top-k", help="0 = off (the default)."),
+    top_k: TopKOpt = None,
     verify: bool = typer.Option(
         False, "--verify", help="Verified mode by default (requests may turn it off)."
     ),
     accept: str = typer.Option(None, "--accept", help=f"Default acceptance rule: {ACCEPT_SYNTAX}."),
     unit_distance: UnitDistanceOpt = None,
     repetition_penalty: RepetitionOpt = None,
-    speech_vocab_only: bool = typer.Option(
-        False, "--speech-vocab-only", help="At speech steps project onto speech and control ids only."
-    ),
-    vocab_audit: bool = typer.Option(
-        True, "--vocab-audit/--no-vocab-audit", help="Count tokens --speech-vocab-only changed."
-    ),
+    speech_vocab_only: SpeechVocabOnlyOpt = False,
+    vocab_audit: VocabAuditOpt = True,
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Address to listen on (loopback by default; others are your choice)."
     ),

@@ -15,8 +15,8 @@ place in these architectures (every layer reads the residual stream through an R
 linear map of the stream cannot be folded into the weights), and a head restricted to a token set
 has no logits for the other ids: both are refused with one sentence.
 
-Only public transformers API is used (configs, `AutoModelForCausalLM.from_config`,
-`save_pretrained`) plus module identity to find the draft's final-norm and output-projection keys.
+Only public transformers API is used, through hf.py (configs, `AutoModelForCausalLM.from_config`,
+`save_pretrained`), plus module identity to find the draft's final-norm and output-projection keys.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import hf
 from .errors import SparkeeError
 
 EXPORTABLE_KINDS = ("logit-lens", "full", "adapter")
@@ -102,8 +103,6 @@ def build_draft(bb, heads, layer: int, extra_layer: torch.nn.Module | None = Non
     `extra_layer`: a decoder layer of the model's own class run after layer `layer` (an adapter head);
     it becomes the draft's layer `layer + 1`.
     """
-    from transformers import AutoModelForCausalLM
-
     n = bb.num_layers
     if not 1 <= layer < n:
         raise SparkeeError(f"--layer must be in 1..{n - 1} for this {n}-layer model, got {layer}")
@@ -117,7 +116,7 @@ def build_draft(bb, heads, layer: int, extra_layer: torch.nn.Module | None = Non
     layers_name = _module_name(model, bb.layers, "decoder layers")
     source = model.state_dict(keep_vars=False)
     with torch.device("meta"):
-        draft = AutoModelForCausalLM.from_config(cfg, dtype=bb.dtype)
+        draft = hf.model_from_config(cfg, dtype=bb.dtype)
     state = {}
     for key in draft.state_dict():
         if key.startswith(norm_name + "."):

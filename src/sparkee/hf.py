@@ -119,11 +119,13 @@ def make_config(architecture: str, **fields):
     return config
 
 
-def model_from_config(config) -> torch.nn.Module:
-    """A randomly initialised causal LM of `config` (tests, the reference SLM's training)."""
+def model_from_config(config, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A randomly initialised causal LM of `config` (tests, the reference SLM's training, the
+    exported draft's skeleton), in `dtype` when given."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **kwargs)
 
 
 def write_generation_config(dst: Path, values: dict) -> None:
