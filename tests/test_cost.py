@@ -260,6 +260,12 @@ def test_split_half_drift_flags_a_machine_that_changed_speed(cache_dir, monkeypa
     # a file from before this field still loads (drift unknown: 0)
     del data["drift"]
     assert cost.Calibration.from_json(data).drift == 0.0
+    # an unsteady calibration cached before such files stopped being written is refused (rebuilt)
+    path = cost.key_path("calibration", cal.key)
+    path.write_text(json.dumps({**data, "drift": 0.4}))
+    assert cost.cached_calibration(wrap_model(tiny_model("qwen2", layers=2))) is None
+    path.write_text(json.dumps({**data, "drift": 0.1}))
+    assert cost.cached_calibration(wrap_model(tiny_model("qwen2", layers=2))).drift == 0.1
 
 
 def test_a_kernel_must_win_in_both_halves_of_its_timing():

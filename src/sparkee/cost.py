@@ -265,9 +265,11 @@ def cached_calibration(bb) -> Calibration | None:
     if data is None:
         return None
     try:
-        return Calibration.from_json(data)
+        cal = Calibration.from_json(data)
     except (KeyError, TypeError):
         return None
+    # written before unsteady calibrations stopped being cached: measure again rather than trust it
+    return None if cal.drift > UNSTEADY else cal
 
 
 def load_or_calibrate(bb, heads=None, progress: bool = True) -> Calibration:
