@@ -29,4 +29,4 @@ for fmt in padded early-stop; do
   cp "$out/table.md" "bench/results/adapter60-$short.md"
   cp "$out/table.csv" "bench/results/adapter60-$short.csv"
 done
-echo "machine: $(.venv/bin/python -c 'from sparkee import cost; print(cost.machine_id())')"
+echo "machine: $(.venv/bin/python -c 'from sparkee import store; print(store.machine_id())')"

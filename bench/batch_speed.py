@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sparkee import GenerationConfig, Interleave, cost, generate_batch, load_model
+from sparkee import GenerationConfig, Interleave, calibrate, generate_batch, load_model, store
 from sparkee.models.smollm2 import prepare_smollm2
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     path = prepare_smollm2() if args.model == "smollm2-135m" else args.model
     plain = load_model(path, dtype=args.dtype, fast=False).model
     bb = load_model(path, dtype=args.dtype)
-    cost.load_or_calibrate(bb)
+    calibrate.load_or_calibrate(bb)
     N, n, B = bb.num_layers, args.tokens, args.batch
     L = args.layer or N // 2
     gen = torch.Generator().manual_seed(1)
@@ -98,7 +98,7 @@ def main() -> None:
         "model": args.model,
         "dtype": args.dtype,
         "threads": args.threads,
-        "machine": cost.machine_id(),
+        "machine": store.machine_id(),
         "batch": B,
         "new_tokens": n,
         "tokens_per_s": med,

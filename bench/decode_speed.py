@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from sparkee import GenerationConfig, Interleave, cost, generate, load_model, wrap_model
+from sparkee import GenerationConfig, Interleave, calibrate, generate, load_model, store, wrap_model
 from sparkee.errors import SparkeeError
 from sparkee.kernels import optimize
 from sparkee.models.smollm2 import INSTALL_HINT, prepare_smollm2
@@ -98,7 +98,7 @@ def gemv_bandwidth(bb) -> float:
 
 def bench_model(name: str, dtype: torch.dtype, n: int, repeats: int, layer: int | None) -> dict:
     model, bb = pair(name, dtype)
-    cost.load_or_calibrate(bb)  # before timing: the first run must not measure
+    calibrate.load_or_calibrate(bb)  # before timing: the first run must not measure
     torch.manual_seed(1)
     prompt = torch.randint(10, min(bb.vocab_size, 20000), (16,)).tolist()
     L = layer or bb.num_layers // 2
@@ -151,7 +151,7 @@ def bench_model(name: str, dtype: torch.dtype, n: int, repeats: int, layer: int 
         "vocab": bb.vocab_size,
         "dtype": str(bb.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
-        "machine": cost.machine_id(),
+        "machine": store.machine_id(),
         "kernels": bb.kernel_choice,
         "new_tokens": n,
         "repeats": repeats,

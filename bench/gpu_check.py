@@ -417,7 +417,7 @@ def exactness_part(part: Part, device, n: int) -> None:
 def speed_part(part: Part, name: str, device, args) -> None:
     import torch
 
-    from sparkee import cost, wrap_model
+    from sparkee import calibrate, cost, store, wrap_model
 
     spec = MODELS[name]
     fields = {**spec["fields"], **(SMOKE_WIDTH if args.cpu_smoke else {})}
@@ -460,14 +460,14 @@ def speed_part(part: Part, name: str, device, args) -> None:
         t0 = time.monotonic()
         if args.cpu_smoke:  # a made-up table with this model's key: the same prediction code, no measuring
             cal = cost.Calibration(
-                key=cost.calibration_key(bb), rows=[1, 64], layer_a=[1e-4, 4e-4], layer_c=[1e-7, 1e-7],
+                key=calibrate.calibration_key(bb), rows=[1, 64], layer_a=[1e-4, 4e-4], layer_c=[1e-7, 1e-7],
                 mat_sizes=[1, 10**9], mat_rows=[1, 8], mat_s=[[1e-5, 2e-5], [1e-3, 2e-3]],
                 overhead={"full": 1e-4, "early": 1e-4},
             )  # fmt: skip
         else:  # batch 8 refreshes reach 24 rows: the default row counts (1..64)
-            cal = cost.calibrate(bb, progress=False, budget_s=args.calibration_s)
-        cost.write_cached("calibration", cal.key, cal.to_json())
-        assert cost.load_or_calibrate(bb, progress=False) is not None
+            cal = calibrate.calibrate(bb, progress=False, budget_s=args.calibration_s)
+        store.write_cached("calibration", cal.key, cal.to_json())
+        assert calibrate.load_or_calibrate(bb, progress=False) is not None
         d["calibration"] = {"seconds": time.monotonic() - t0, "drift": cal.drift, "overhead": cal.overhead,
                             "synthetic": args.cpu_smoke}  # fmt: skip
         state["calibrated"] = True

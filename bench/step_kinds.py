@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sparkee import cost, load_model
+from sparkee import calibrate, cost, load_model, store
 from sparkee.cache import LayeredKVCache
 from sparkee.heads import ExitHeads
 
@@ -146,7 +146,7 @@ def main() -> None:
     N, H, V = bb.num_layers, bb.hidden_size, bb.vocab_size
     L = args.layer or N // 2
     k = Kinds(bb, L, args.context)
-    cal = cost.load_or_calibrate(bb)
+    cal = calibrate.load_or_calibrate(bb)
     meter = cost.new_meter(bb)
     lp = sum(bb.layer_params) / N
     kv = meter.kv_per_pos[0]
@@ -250,7 +250,7 @@ def main() -> None:
     meta = {"model": args.model, "dtype": args.dtype, "threads": args.threads, "layer": L, "layers": N}
     out.write_text(
         json.dumps(
-            {**meta, "kernels": bb.kernel_choice, "machine": cost.machine_id(), "kinds": rows}, indent=1
+            {**meta, "kernels": bb.kernel_choice, "machine": store.machine_id(), "kinds": rows}, indent=1
         )
     )
     print(f"wrote {out}")

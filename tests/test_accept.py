@@ -163,7 +163,7 @@ def test_adaptive_run_grows_after_clean_refreshes_and_halves_after_a_rejection()
 
 
 def test_adaptive_controller_halves_on_a_miss_and_is_bounded():
-    from sparkee.generate import Trace, _adapt
+    from sparkee.engine import Trace, _adapt
 
     plan = type("P", (), {"speech_policy": parse_policy("spar-k:adaptive:3:6")})()
     tr = Trace(1, [1])
@@ -282,3 +282,20 @@ def test_no_stretch_never_keeps_a_disagreeing_repeat(pattern, layer, n):
         for k, r in enumerate(loose.steps)
     )
     assert res.stats["verify_rejections"] >= (1 if stretched else 0)
+
+
+def test_builtin_unit_distances_follow_the_reference_slms_phonetics():
+    from sparkee.accept import resolve_distance
+    from sparkee.refslm.vocab import load_vocab
+
+    vocab = load_vocab()
+    uid = {vocab.unit_name(u): u for u in range(*vocab.speech_range)}
+    same_unit = resolve_distance("refslm")
+    assert same_unit(uid["a"], uid["a"]) == 0.0 and same_unit(uid["a"], uid["i:"]) == 1.0
+    phones = resolve_distance("refslm-phone-class")
+    assert phones(uid["p"], uid["p"]) == 0.0
+    assert phones(uid["a"], uid["i:"]) == 0.5  # two vowels
+    assert phones(uid["p"], uid["t"]) == 0.5  # two stops
+    assert phones(uid["a"], uid["t"]) == 1.0  # a vowel and a stop
+    with pytest.raises(SparkeeError, match="neither a built-in name nor a module:attribute"):
+        resolve_distance("refslm-phonemes")

@@ -87,10 +87,10 @@ def test_bad_engine_options_exit_2_with_one_sentence(qwen_dir, tmp_path, args, m
 
 
 def test_calibrate_command_measures_caches_and_prints(qwen_dir, tmp_path, monkeypatch):
-    from sparkee import cost
+    from sparkee import calibrate
 
     monkeypatch.setenv("SPARKEE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cost, "split_half_drift", lambda series: 0.0)  # a busy CI machine caches nothing
+    monkeypatch.setattr(calibrate, "split_half_drift", lambda series: 0.0)  # a busy CI machine caches nothing
     res = runner.invoke(app, ["calibrate", "--model", str(qwen_dir)])
     assert res.exit_code == 0, res.output
     assert "layer passes" in res.output and "predicted speed-up" in res.output
@@ -102,7 +102,7 @@ def test_calibrate_command_measures_caches_and_prints(qwen_dir, tmp_path, monkey
     forced = runner.invoke(app, ["calibrate", "--model", str(qwen_dir), "--force"])
     assert forced.exit_code == 0 and "measuring decode costs" in forced.output
     # a machine whose speed moved, twice: the measurement is reported and not cached
-    monkeypatch.setattr(cost, "split_half_drift", lambda series: 0.5)
+    monkeypatch.setattr(calibrate, "split_half_drift", lambda series: 0.5)
     busy = runner.invoke(app, ["calibrate", "--model", str(qwen_dir), "--force"])
     assert busy.exit_code == 0 and "UNSTEADY" in busy.output and "not cached" in busy.output
     assert not list((tmp_path / "cache" / "calibration").glob("*.json"))
@@ -196,13 +196,13 @@ def test_eval_verified_rows_batches_and_timing_drift(qwen_dir, data, tmp_path):
 def test_batched_eval_predicts_on_the_batch_as_it_measures(qwen_dir, data, tmp_path, monkeypatch):
     """At --batch-size B an example's predicted time is its batch's calibrated time / B, like its
     measured time (a batch-1 prediction beside a batched measurement would mislead)."""
-    from sparkee import cost
+    from sparkee import calibrate, cost
 
     cal = cost.Calibration(
         key={}, rows=[1, 64], layer_a=[1e-3, 2e-3], layer_c=[1e-4, 1e-4], mat_sizes=[1, 10**9],
         mat_rows=[1, 64], mat_s=[[0.0, 0.0], [0.0, 0.0]], overhead={"full": 5e-3, "early": 1e-3},
     )  # fmt: skip
-    monkeypatch.setattr(cost, "load_or_calibrate", lambda *a, **k: cal)
+    monkeypatch.setattr(calibrate, "load_or_calibrate", lambda *a, **k: cal)
     monkeypatch.setenv("SPARKEE_NO_CALIBRATE", "0")
     res = runner.invoke(
         app,

@@ -9,7 +9,17 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from sparkee import GenerationConfig, Interleave, cost, generate, generate_batch, kernels, wrap_model
+from sparkee import (
+    GenerationConfig,
+    Interleave,
+    calibrate,
+    cost,
+    generate,
+    generate_batch,
+    kernels,
+    store,
+    wrap_model,
+)
 from sparkee.kernels import FastLinear
 
 PROMPT = [5, 7, 9, 11, 3]
@@ -22,45 +32,45 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_calibration_is_written_read_and_keyed(cache_dir, monkeypatch):
-    monkeypatch.setattr(cost, "split_half_drift", lambda series: 0.0)  # a busy CI machine caches nothing
+    monkeypatch.setattr(calibrate, "split_half_drift", lambda series: 0.0)  # a busy CI machine caches nothing
     bb = wrap_model(tiny_model("qwen2", layers=3))
-    cal = cost.load_or_calibrate(bb, progress=False)
+    cal = calibrate.load_or_calibrate(bb, progress=False)
     files = list((cache_dir / "calibration").glob("*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
-    assert data["key"] == cost.calibration_key(bb)
+    assert data["key"] == calibrate.calibration_key(bb)
     assert data["key"]["layers"] == 3 and data["key"]["torch"] == torch.__version__
-    assert len(cal.layer_a) == len(cost.ROWS) and all(t >= 0 for t in cal.overhead.values())
+    assert len(cal.layer_a) == len(calibrate.ROWS) and all(t >= 0 for t in cal.overhead.values())
 
     def no_measuring(*a, **k):
         raise AssertionError("a cached calibration must be read, not measured again")
 
-    monkeypatch.setattr(cost, "calibrate", no_measuring)
-    again = cost.load_or_calibrate(bb, progress=False)
+    monkeypatch.setattr(calibrate, "calibrate", no_measuring)
+    again = calibrate.load_or_calibrate(bb, progress=False)
     assert again.to_json() == cal.to_json()
     # another model shape has its own key and file
     other = wrap_model(tiny_model("qwen2", layers=4))
-    assert cost.cached_calibration(other) is None
+    assert calibrate.cached_calibration(other) is None
 
 
 def test_stale_or_foreign_calibration_is_refused(cache_dir, monkeypatch):
-    monkeypatch.setattr(cost, "split_half_drift", lambda series: 0.0)  # a busy CI machine caches nothing
+    monkeypatch.setattr(calibrate, "split_half_drift", lambda series: 0.0)  # a busy CI machine caches nothing
     model = tiny_model("llama", layers=2)
-    cost.load_or_calibrate(wrap_model(model), progress=False)
+    calibrate.load_or_calibrate(wrap_model(model), progress=False)
     bb = wrap_model(model)  # a newly loaded model reads the file
-    path = cost.key_path("calibration", cost.calibration_key(bb))
+    path = store.key_path("calibration", calibrate.calibration_key(bb))
     data = json.loads(path.read_text())
     data["key"]["torch"] = "1.0.0"  # made under another torch: must not be used
     path.write_text(json.dumps(data))
-    assert cost.cached_calibration(bb) is None
+    assert calibrate.cached_calibration(bb) is None
     path.write_text("{not json")
-    assert cost.cached_calibration(bb) is None
+    assert calibrate.cached_calibration(bb) is None
     # a new measurement replaces it
-    fresh = cost.load_or_calibrate(bb, progress=False)
-    assert json.loads(path.read_text())["key"] == fresh.key == cost.calibration_key(bb)
+    fresh = calibrate.load_or_calibrate(bb, progress=False)
+    assert json.loads(path.read_text())["key"] == fresh.key == calibrate.calibration_key(bb)
     # the key names the machine and the threads: timings from elsewhere never apply here
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
-    assert cost.cached_calibration(bb) is None
+    assert calibrate.cached_calibration(bb) is None
 
 
 def test_predictions_use_the_calibration_when_asked(cache_dir):
@@ -103,7 +113,8 @@ def test_calibrated_time_adds_up_the_passes():
 def test_batch_meter_counts_a_steps_fixed_work_once_per_batch_step():
     """A step's fixed work is shared by the rows of a batch: the batch meter (and the all-full
     baseline of `batch_predicted_speedup`) count it once per step, not once per row."""
-    from sparkee.generate import BatchGeneration, ExitHeads
+    from sparkee.generate import BatchGeneration
+    from sparkee.heads import ExitHeads
 
     bb = wrap_model(tiny_model("qwen2", layers=4))
     cfg = GenerationConfig(max_new_tokens=9, speech_policy="spar-k:even:2", interleave=Interleave(0, 1))
@@ -204,12 +215,12 @@ def test_overhead_fit_is_nonnegative_least_squares():
         (16 * 2e-3 + 8 * 5e-4, 16.0, 8.0),
         (16 * 2e-3 + 12 * 5e-4, 16.0, 12.0),
     ]
-    x, y = cost._nnls2(rows)
+    x, y = calibrate._nnls2(rows)
     assert x == pytest.approx(2e-3) and y == pytest.approx(5e-4)
     # a negative unconstrained optimum lands on the boundary, never below zero, and no
     # non-negative pair on a grid fits better
     rows = [(0.03, 16.0, 0.0), (0.01, 16.0, 8.0), (0.0, 16.0, 12.0)]
-    x, y = cost._nnls2(rows)
+    x, y = calibrate._nnls2(rows)
     assert x >= 0 and y == 0.0
     sse = lambda a, b: sum((r - a * u - b * v) ** 2 for r, u, v in rows)  # noqa: E731
     grid = [i * 1e-4 for i in range(40)]
@@ -227,45 +238,45 @@ def test_overhead_fit_is_nonnegative_least_squares():
         m.step("check", check)
         return [(2e-3 * (full + early) + 5e-4 * check, m)]
 
-    fit = cost._fit_overhead(cal, {"full": gen(16, 0, 0), "even": gen(8, 8, 8), "feee": gen(4, 12, 12)})
+    fit = calibrate._fit_overhead(cal, {"full": gen(16, 0, 0), "even": gen(8, 8, 8), "feee": gen(4, 12, 12)})
     assert fit["full"] == fit["early"] == fit["fallback"] == pytest.approx(2e-3)
     assert fit["check"] == pytest.approx(5e-4)
 
 
 def test_split_half_drift_flags_a_machine_that_changed_speed(cache_dir, monkeypatch, capsys):
     steady = [[1.0, 1.02, 0.99, 1.01, 1.0, 0.98, 1.01, 1.0]]
-    assert cost.split_half_drift(steady) < 0.05
+    assert calibrate.split_half_drift(steady) < 0.05
     # the second half of the rounds ran 40% slower on one point: that is what is reported
     busy = [*steady, [1.0, 1.0, 1.01, 0.99, 1.4, 1.41, 1.39, 1.4]]
-    assert cost.split_half_drift(busy) == pytest.approx(0.4, abs=0.02)
-    assert cost.split_half_drift([[1.0, 2.0]]) == 0.0  # too short to say
+    assert calibrate.split_half_drift(busy) == pytest.approx(0.4, abs=0.02)
+    assert calibrate.split_half_drift([[1.0, 2.0]]) == 0.0  # too short to say
     # a calibration that drifted is measured once more; drifting again, it is used, said once on
     # stderr and never cached
     bb = wrap_model(tiny_model("qwen2", layers=2))
     drifts = iter([0.4, 0.3])
-    monkeypatch.setattr(cost, "split_half_drift", lambda series: next(drifts))
-    cal = cost.load_or_calibrate(bb, progress=True)
+    monkeypatch.setattr(calibrate, "split_half_drift", lambda series: next(drifts))
+    cal = calibrate.load_or_calibrate(bb, progress=True)
     assert cal.drift == 0.3  # the steadier of the two
     err = capsys.readouterr().err
     assert "moved by 30% while calibrating, twice" in err and "not cached" in err
-    assert cost.cached_calibration(bb) is None
-    assert not cost.key_path("calibration", cal.key).exists()
+    assert calibrate.cached_calibration(bb) is None
+    assert not store.key_path("calibration", cal.key).exists()
     # steady the second time: that one is cached, with its drift in the file
     bb = wrap_model(tiny_model("qwen2", layers=2))
     drifts = iter([0.4, 0.1])
-    cal = cost.load_or_calibrate(bb, progress=True)
+    cal = calibrate.load_or_calibrate(bb, progress=True)
     assert cal.drift == 0.1 and "moved by" not in capsys.readouterr().err
-    data = json.loads(cost.key_path("calibration", cal.key).read_text())
+    data = json.loads(store.key_path("calibration", cal.key).read_text())
     assert data["drift"] == 0.1
     # a file from before this field still loads (drift unknown: 0)
     del data["drift"]
     assert cost.Calibration.from_json(data).drift == 0.0
     # an unsteady calibration cached before such files stopped being written is refused (rebuilt)
-    path = cost.key_path("calibration", cal.key)
+    path = store.key_path("calibration", cal.key)
     path.write_text(json.dumps({**data, "drift": 0.4}))
-    assert cost.cached_calibration(wrap_model(tiny_model("qwen2", layers=2))) is None
+    assert calibrate.cached_calibration(wrap_model(tiny_model("qwen2", layers=2))) is None
     path.write_text(json.dumps({**data, "drift": 0.1}))
-    assert cost.cached_calibration(wrap_model(tiny_model("qwen2", layers=2))).drift == 0.1
+    assert calibrate.cached_calibration(wrap_model(tiny_model("qwen2", layers=2))).drift == 0.1
 
 
 def test_a_kernel_must_win_in_both_halves_of_its_timing():

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from sparkee import GenerationConfig, cost
+from sparkee import GenerationConfig, calibrate, cost
 from sparkee.cli import app
 from sparkee.eval import harness
 from sparkee.eval.harness import SANE_BAND, Row, timing_warning
@@ -40,7 +40,7 @@ def calibrated(monkeypatch):
         key={}, rows=[1, 64], layer_a=[1e-3, 2e-3], layer_c=[1e-4, 1e-4], mat_sizes=[1, 10**9],
         mat_rows=[1, 64], mat_s=[[0.0, 0.0], [0.0, 0.0]], overhead={"full": 5e-3, "early": 1e-3},
     )  # fmt: skip
-    monkeypatch.setattr(cost, "load_or_calibrate", lambda *a, **k: cal)
+    monkeypatch.setattr(calibrate, "load_or_calibrate", lambda *a, **k: cal)
     monkeypatch.setenv("SPARKEE_NO_CALIBRATE", "0")
 
 

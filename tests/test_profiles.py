@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_model
+from sparkee.config import GenerationConfig
 from sparkee.errors import SparkeeError
-from sparkee.generate import GenerationConfig
 from sparkee.profiles import (
     ModelProfile,
     PresetProfile,

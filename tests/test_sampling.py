@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from sparkee.generate import GenerationConfig, _filter_logits
+from sparkee.config import GenerationConfig
+from sparkee.engine import _filter_logits
 from sparkee.train_heads import lr_factor
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SparkeeError
+from .plugin import load_plugin
 from .syntax import ACCEPT_SYNTAX
 
 Distance = Callable[[int, int], float]
@@ -158,64 +159,15 @@ def _column(token: int, ids: torch.Tensor | None) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # distance plug-ins for unit-distance
 
-
-def refslm_unit_distance() -> Distance:
-    """The reference SLM's speech tokens are phoneme units: 0 for the same unit, 1 otherwise."""
-    return lambda a, b: 0.0 if a == b else 1.0
-
-
-def refslm_phone_class_distance() -> Distance:
-    """Reference SLM units by how alike they sound: 0 same unit, 0.5 same broad phonetic class
-    (vowels; stops; fricatives and affricates; nasals; liquids and glides; silence), 1 otherwise."""
-    from .refslm.vocab import load_vocab
-
-    vocab = load_vocab()
-    cls = {}
-    for uid in range(*vocab.speech_range):
-        cls[uid] = phone_class(vocab.unit_name(uid))
-
-    def dist(a: int, b: int) -> float:
-        if a == b:
-            return 0.0
-        ca, cb = cls.get(a), cls.get(b)
-        return 0.5 if ca is not None and ca == cb else 1.0
-
-    return dist
-
-
-_VOWELS = set("aAeEiIoOuUV03@")
-_STOPS = {"p", "b", "t", "d", "k", "g", "?", "t#", "d#"}
-_FRICATIVES = {"f", "v", "T", "D", "s", "z", "S", "Z", "h", "x", "tS", "dZ"}
-_NASALS = {"m", "n", "N", "n-", "m-"}
-_APPROX = {"l", "r", "w", "j", "l-", "r-", "R"}
-
-
-def phone_class(name: str) -> str:
-    """Broad class of an espeak-ng phoneme name (as the reference SLM's units are named)."""
-    if name in ("_", "sil", ""):
-        return "silence"
-    if name in _STOPS:
-        return "stop"
-    if name in _FRICATIVES:
-        return "fricative"
-    if name in _NASALS:
-        return "nasal"
-    if name in _APPROX:
-        return "approximant"
-    if name[0] in _VOWELS:
-        return "vowel"
-    return "other:" + name
-
-
-BUILTIN_DISTANCES = {"refslm": refslm_unit_distance, "refslm-phone-class": refslm_phone_class_distance}
+# built-ins by name: import paths, so that the reference SLM's phonetics stay in refslm/
+BUILTIN_DISTANCES = {
+    "refslm": "sparkee.refslm.distance:unit_distance",
+    "refslm-phone-class": "sparkee.refslm.distance:PhoneClassDistance",
+}
 
 
 def resolve_distance(spec: str | Distance | None) -> Distance | None:
     """A built-in name (refslm, refslm-phone-class), a module:attribute path, or a callable."""
     if spec is None or callable(spec):
         return spec
-    if spec in BUILTIN_DISTANCES:
-        return BUILTIN_DISTANCES[spec]()
-    from .eval.plugins import load_plugin
-
-    return load_plugin(spec, "unit-distance")
+    return load_plugin(BUILTIN_DISTANCES.get(spec, spec), "unit-distance")

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from .backbone import Backbone
+from .config import GenerationConfig
 from .eval.measures import Measures
-from .eval.scoring import accuracy, verdict, wer
-from .generate import GenerationConfig
 from .heads import ExitHeads
 from .labels import Labels, collect_labels, layer_metrics
+from .scoring import accuracy, verdict, wer
 from .sources import PromptItem
 
 
@@ -43,7 +43,7 @@ def transcript_scores(
 ) -> dict[int, dict]:
     """Accuracy and WER of the speech built from each layer's speech tokens (teacher-forced).
 
-    The reference text is the full model's own text answer; scoring follows eval/scoring.py."""
+    The reference text is the full model's own text answer; scoring follows scoring.py."""
     lo, hi = speech_ids
     examples = sorted(set(labels.example.tolist()))
     own_text = {e: measures.text_of(labels.tokens[labels.example == e].tolist()) for e in examples}

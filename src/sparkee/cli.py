@@ -476,25 +476,25 @@ def calibrate(
 ) -> None:
     """Measure this machine's decode costs for a model (layer passes by rows, heads, projections,
     step overheads) and cache them; speed-up predictions then use them. Run on a quiet machine."""
-    from . import cost
+    from . import calibrate as calibration
+    from . import store
     from .backbone import load_model
 
     if force:  # a new measurement of the kernel choice, then of the costs
         from . import kernels
 
         bb = load_model(model, dtype=dtype, device=device, fast=False)
-        for kind, key in (("kernels", kernels.kernels_key(bb)),):
-            cost.key_path(kind, key).unlink(missing_ok=True)
+        store.key_path("kernels", kernels.kernels_key(bb)).unlink(missing_ok=True)
     bb = load_model(model, dtype=dtype, device=device, fast=not plain_kernels)
     if force:
-        cost.key_path("calibration", cost.calibration_key(bb)).unlink(missing_ok=True)
-    cal = cost.load_or_calibrate(bb)
-    path = cost.key_path("calibration", cal.key)
+        store.key_path("calibration", calibration.calibration_key(bb)).unlink(missing_ok=True)
+    cal = calibration.load_or_calibrate(bb)
+    path = store.key_path("calibration", cal.key)
     if as_json:
         typer.echo(json.dumps(cal.to_json()))
         return
     print_calibration(bb, cal)
-    if cal.drift > cost.UNSTEADY:
+    if cal.drift > calibration.UNSTEADY:
         typer.echo("not cached: the machine's speed moved while measuring; rerun on a quiet machine")
     else:
         typer.echo(f"cached in {path}")
@@ -504,8 +504,7 @@ def print_calibration(bb, cal) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import cost
-    from .cost import predict_schedules
+    from .calibrate import UNSTEADY, predict_schedules
 
     con = Console()
     t = Table("rows", "ms per layer pass (context 0)", "extra us per context position", title="layer passes")
@@ -521,7 +520,7 @@ def print_calibration(bb, cal) -> None:
         m.add_row(f"{el:,}", *[f"{1e3 * x:.3f}" for x in row])
     con.print(m)
     con.print("step overheads (ms): " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in cal.overhead.items()))
-    steady = "steady" if cal.drift <= cost.UNSTEADY else "UNSTEADY: measured twice, not cached"
+    steady = "steady" if cal.drift <= UNSTEADY else "UNSTEADY: measured twice, not cached"
     con.print(f"layer timings moved {100 * cal.drift:.1f}% between the halves of the rounds ({steady})")
     p = Table(
         "schedule (every step speech)",
@@ -579,7 +578,7 @@ def train_heads(
 ) -> None:
     """Distil exit heads from the frozen model (resumable; runs under `accelerate launch` too)."""
     from .backbone import load_model
-    from .generate import speech_token_set
+    from .engine import speech_token_set
     from .heads import HEAD_KINDS
     from .profiles import item_config, resolve_config
     from .sources import check_limit
@@ -837,10 +836,10 @@ def eval_cmd(
             "calibrate": False if no_calibrate else None,
         },
     )
-    from .generate import calibration_wanted
+    from .config import calibration_wanted
 
     if calibration_wanted(cfg):  # measured once, before anything is timed
-        from .cost import load_or_calibrate
+        from .calibrate import load_or_calibrate
 
         load_or_calibrate(bb, exit_heads)
     prompts, digest = load_data(profile, data, decoding.fmt, limit)
@@ -1002,10 +1001,10 @@ def demo(
     typer.echo(
         f"reference SLM: {bb.num_layers} layers, heads: {exit_heads.kind}, {len(prompts)} test questions, format {fmt}"
     )
-    from .generate import calibration_wanted
+    from .config import calibration_wanted
 
     if calibration_wanted(cfg):  # measured once, before anything is timed
-        from .cost import load_or_calibrate
+        from .calibrate import load_or_calibrate
 
         load_or_calibrate(bb, exit_heads)
     run = EvalRun(

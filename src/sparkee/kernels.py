@@ -15,7 +15,7 @@ in context (cycling through every layer's weight of that shape, so weights come 
 they do in decoding) and keeps the fastest per row count. `FastLinear` replaces the model's
 `nn.Linear` modules (same parameters, so state dicts, tied weights and fingerprints are
 untouched; autograd falls back to the plain product). The choice is cached per machine, shapes,
-dtype and torch version beside the calibration (cost.py).
+dtype and torch version beside the calibration (store.py).
 
 bfloat16 on a CPU without native bfloat16 instructions is emulated and often slower than float32;
 when measurement says so, the model is computed in float32 instead, with one line saying so.
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import cost, hf
+from . import hf, store
 
 KERNELS = ("plain", "packed", "rowwise")
 MEASURED_ROWS = (1, 2, 4, 8)
@@ -176,7 +176,7 @@ def native_bf16() -> bool:
 def kernels_key(bb) -> dict:
     return {
         "version": KERNELS_VERSION,
-        "machine": cost.machine_id(),
+        "machine": store.machine_id(),
         "dtype": str(bb.dtype).replace("torch.", ""),
         "device": torch.device(bb.device).type,
         "torch": torch.__version__,
@@ -192,7 +192,7 @@ def optimize(bb, progress: bool = True) -> dict[str, list[str]]:
         _maybe_upcast(bb, progress)
     groups = _linear_groups(bb)
     key = kernels_key(bb)
-    cached = cost.read_cached("kernels", key)
+    cached = store.read_cached("kernels", key)
     if cached is not None:
         choice = {k: tuple(v) for k, v in cached["choice"].items()}
     else:
@@ -203,7 +203,7 @@ def optimize(bb, progress: bool = True) -> dict[str, list[str]]:
             for gkey, mods in groups.items():
                 ws = [(m.weight.detach(), None if m.bias is None else m.bias.detach()) for _, _, m in mods]
                 choice[str(gkey)] = measure_shape(ws)
-        cost.write_cached("kernels", key, {"choice": {k: list(v) for k, v in choice.items()}})
+        store.write_cached("kernels", key, {"choice": {k: list(v) for k, v in choice.items()}})
     for gkey, mods in groups.items():
         ch = choice.get(str(gkey))
         if ch is None or all(c == "plain" for c in ch):

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from . import hf
 from .backbone import Backbone
-from .generate import GenerationConfig, generate
+from .config import GenerationConfig
+from .generate import generate
 from .heads import ExitHeads
 from .progress import Progress
 from .sources import PromptItem

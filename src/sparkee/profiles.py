@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .config import GenerationConfig
 from .errors import SparkeeError
-from .generate import GenerationConfig
 from .schedule import Interleave
 from .sources import PromptItem, load_tokenizer, read_prompt_file
 

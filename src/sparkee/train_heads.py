@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .backbone import Backbone
+from .config import GenerationConfig
 from .errors import SparkeeError
-from .generate import GenerationConfig
 from .heads import ExitHeads
 from .labels import Labels, adapter_logits_of, collect_labels, layer_metrics, pad_sequences, teacher_logits
 from .progress import Progress

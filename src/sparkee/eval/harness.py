@@ -25,14 +25,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..backbone import Backbone
+from ..config import GenerationConfig
+from ..engine import check_config
 from ..errors import SparkeeError
-from ..generate import GenerationConfig, check_config, generate, generate_batch
+from ..generate import generate, generate_batch
 from ..heads import ExitHeads
 from ..progress import Progress
 from ..schedule import parse_pair, parse_policy
+from ..scoring import accuracy, verdict, wer
 from ..sources import PromptItem
 from .measures import Measures
-from .scoring import accuracy, verdict, wer
 
 RESULTS = "results.jsonl"
 MANIFEST = "manifest.json"
@@ -311,7 +313,7 @@ def _warm_up(run: EvalRun, units: list[tuple[Row, list]]) -> None:
 def _record(
     run: EvalRun, row: Row, i: int, item: PromptItem, res, cfg: GenerationConfig, wall: float, batch: int
 ) -> dict:
-    from .scoring import unit_runs
+    from ..scoring import unit_runs
 
     m, meta = run.measures, item.meta
     text = m.text_of(res.tokens)
@@ -534,7 +536,7 @@ def timing_warning(summary: list[dict]) -> str | None:
 
 def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dict]:
     """One line per row in the shape of the paper's Table 2 (accuracies and WER as fractions)."""
-    from .scoring import duration_drift
+    from ..scoring import duration_drift
 
     ok = [r for r in records if "error" not in r]
     full = next((r for r in rows if r.is_full), None)

@@ -15,25 +15,12 @@ OpenAI-compatible chat endpoint, `--judge-url`).
 
 from __future__ import annotations
 
-import importlib
 import json
 import urllib.request
 from pathlib import Path
 
 from ..errors import SparkeeError
-
-
-def load_plugin(spec: str, kind: str):
-    """Import `module:attribute`; instantiate it when it is a class."""
-    if ":" not in spec:
-        raise SparkeeError(f"{kind} plug-in '{spec}' is neither a built-in name nor a module:attribute path")
-    mod_name, attr = spec.split(":", 1)
-    try:
-        obj = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise SparkeeError(f"cannot import {kind} plug-in '{spec}': {e}") from None
-    return obj() if isinstance(obj, type) else obj
-
+from ..plugin import load_plugin
 
 # ---------------------------------------------------------------------------------------------
 # built-ins for the bundled reference SLM

@@ -79,7 +79,7 @@ def generation_config(p: dict, speech_policy: str | None = None, *, require_ids:
     for ids the preset lacks (see `check_ids`). `require_ids=False` builds the config even so
     (unknown speech ids None, no stop ids) for a caller that applies its overrides later and then
     calls `check_ids` itself."""
-    from ..generate import GenerationConfig
+    from ..config import GenerationConfig
     from ..schedule import Interleave
 
     if require_ids:

@@ -151,8 +151,8 @@ def generate_answers(model, vocab, examples, fmt, batch_size: int = 32, max_new_
 
 def score_outputs(outputs, examples, vocab, lexicon=None) -> dict:
     """Text accuracy, speech-transcript accuracy (lexicon decoder) and alignment WER (the one
-    scorer's rule, eval/scoring.py: answers without text are left out of the WER)."""
-    from ..eval.scoring import wer as alignment_wer
+    scorer's rule, scoring.py: answers without text are left out of the WER)."""
+    from ..scoring import wer as alignment_wer
     from .lexicon import LexiconDecoder
 
     dec = LexiconDecoder(vocab, lexicon or load_lexicon())

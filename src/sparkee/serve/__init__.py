@@ -54,7 +54,7 @@ def build_server(
     """A ready `Server` (engine, worker, metrics, audio) for a loaded model; start it with `run`
     or mount `create_app(server)` in any ASGI server."""
     _imports()
-    from .. import cost
+    from ..calibrate import cached_calibration
     from ..engine import Engine
     from .app import Server
     from .audio import resolve_audio
@@ -62,7 +62,7 @@ def build_server(
     from .worker import Worker
 
     # never measure at start-up: a calibration cached by `sparkee calibrate` is used when there is one
-    calibration = cost.cached_calibration(bb) if calibrate else None
+    calibration = cached_calibration(bb) if calibrate else None
     cfg = replace(cfg, calibrate=calibration is not None)
     engine = Engine(bb, heads, cfg, max_batch_size, max_len, calibration)
     if cfg.max_new_tokens > engine.max_len - 2:

@@ -32,9 +32,9 @@ from pydantic import (
 )
 
 from ..accept import parse_accept
-from ..engine import Engine
+from ..config import GenerationConfig
+from ..engine import Engine, _check_prompt
 from ..errors import SparkeeError
-from ..generate import GenerationConfig, _check_prompt
 from ..schedule import parse_policy
 from .audio import Audio, wav_bytes
 from .metrics import Metrics, log_request

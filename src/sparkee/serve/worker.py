@@ -22,9 +22,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..engine import Engine
+from ..engine import Engine, Plan
 from ..errors import SparkeeError
-from ..generate import Plan
 from .audio import Audio, Chunker
 from .metrics import LOG, Metrics
 
