@@ -22,7 +22,7 @@ from sparkee import (
     parse_policy,
     wrap_model,
 )
-from sparkee.accept import criterion
+from sparkee.accept import EXACT, Evidence
 from test_batch import assert_row_cache_complete
 
 MODEL = tiny_model("llama", layers=5)
@@ -118,11 +118,11 @@ def test_typical_acceptance_threshold():
     h = float(-(p * p.log()).sum())
     bar = min(0.3, math.sqrt(0.3) * math.exp(-h))
     for tok in range(4):
-        assert criterion(rule, tok, logits, None, None, 0, None) == (float(p[tok]) >= bar)
+        assert rule.keeps(tok, Evidence(logits, None, 0, None, None, None)) == (float(p[tok]) >= bar)
     # restricted logits: a token outside the set is never accepted
     ids = torch.tensor([3, 5, 8, 9])
-    assert criterion(parse_accept("topk:4"), 6, logits, ids, None, 3, None) is False
-    assert criterion(parse_accept("topk:2"), 5, logits, ids, None, 3, None) is True
+    assert parse_accept("topk:4").keeps(6, Evidence(logits, ids, 3)) is False
+    assert parse_accept("topk:2").keeps(5, Evidence(logits, ids, 3)) is True
 
 
 @pytest.mark.parametrize(
@@ -248,13 +248,13 @@ def test_no_stretch_rejects_a_repeat_where_the_full_model_switches_and_nothing_e
     inner = parse_accept("topk:2")
     guard = parse_accept("no-stretch:topk:2")
     # early repeats the previous token 1, the full model switches to 0: topk keeps it, no-stretch not
-    assert criterion(inner, 1, logits, None, None, 0, None, previous=1)
-    assert not criterion(guard, 1, logits, None, None, 0, None, previous=1)
+    assert inner.keeps(1, Evidence(logits, None, 0, 1, None, None))
+    assert not guard.keeps(1, Evidence(logits, None, 0, 1, None, None))
     # early switches (to 1) where the full model repeats 0: a near-tie switch, kept
-    assert criterion(guard, 1, logits, None, None, 0, None, previous=0)
+    assert guard.keeps(1, Evidence(logits, None, 0, 0, None, None))
     # agreement is always kept, and whatever the inner rule rejects stays rejected
-    assert criterion(guard, 1, logits, None, None, 1, None, previous=1)
-    assert not criterion(guard, 2, logits, None, None, 0, None, previous=3)
+    assert guard.keeps(1, Evidence(logits, None, 1, 1, None, None))
+    assert not guard.keeps(2, Evidence(logits, None, 0, 3, None, None))
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -299,3 +299,40 @@ def test_builtin_unit_distances_follow_the_reference_slms_phonetics():
     assert phones(uid["a"], uid["t"]) == 1.0  # a vowel and a stop
     with pytest.raises(SparkeeError, match="neither a built-in name nor a module:attribute"):
         resolve_distance("refslm-phonemes")
+
+
+def test_each_rule_decides_through_one_interface():
+    logits = torch.tensor([3.0, 2.9, 0.0, -5.0])  # argmax 0, a near tie with 1
+    ev = Evidence(logits, None, 0)
+    assert EXACT.decide(0, ev) == (True, 0) and EXACT.decide(1, ev) == (False, 0)
+    assert parse_accept("topk:2").decide(1, ev) == (True, 1)
+    assert parse_accept("topk:2").decide(2, ev) == (False, 0)
+    assert parse_accept("unit-distance:0.5").decide(
+        3, Evidence(logits, None, 0, distance=lambda a, b: 0.4)
+    ) == (
+        True,
+        3,
+    )
+    assert parse_accept("unit-distance:0.5").decide(
+        3, Evidence(logits, None, 0, distance=lambda a, b: 0.6)
+    ) == (
+        False,
+        0,
+    )
+    # which rules ask a distance plug-in, through no-stretch too
+    assert [
+        parse_accept(s).needs_distance for s in ("exact", "typical:0.2", "no-stretch:unit-distance:1")
+    ] == [
+        False,
+        False,
+        True,
+    ]
+    # sampling in verified mode: the full model's own draw is always kept, whatever the rule
+    probs = torch.tensor([0.0, 0.0, 0.0, 1.0])  # the full model samples token 3, far below top-2
+    gen = torch.Generator().manual_seed(0)
+    ev = Evidence(logits, None, 0, probs=probs, early_probs=torch.full((4,), 0.25), gen=gen)
+    assert parse_accept("topk:2").decide(3, ev) == (True, 3)
+    assert parse_accept("topk:2").decide(1, ev) == (False, 3)  # replaced by the full model's draw
+    # exact: speculative sampling; p(3) / q(3) = 4 >= 1, so the early 3 is always kept, 0 never
+    assert EXACT.decide(3, ev) == (True, 3)
+    assert EXACT.decide(0, ev) == (False, 3)

@@ -8,6 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from sparkee import parse_accept
 from sparkee.cli import app
 from sparkee.errors import SparkeeError
 from sparkee.eval.harness import Row, frontier_rows, parse_rows
@@ -116,7 +117,7 @@ def test_rows_carry_their_acceptance_rule():
         "spar-k:even:3+verify",
         "spar-k:even:3",
     ]
-    assert rows[1].accept == "topk:2" and rows[2].accept == "exact" and rows[3].accept is None
+    assert rows[1].accept == parse_accept("topk:2") and rows[2].accept.lossless and rows[3].accept is None
     assert not Row("full", "full", accept="exact").is_full
     with pytest.raises(SparkeeError, match="unknown acceptance rule"):
         parse_rows("spar-k:even:3+verify=maybe", num_layers=6)
@@ -124,7 +125,7 @@ def test_rows_carry_their_acceptance_rule():
         parse_rows("spar-k:even:3+verifyx", num_layers=6)
     grid = frontier_rows([2, 4], num_layers=6)
     assert len(grid) == 1 + 2 * 5 * 4 and grid[0].is_full
-    assert {r.accept for r in grid[1:]} == {"exact", "topk:2", "typical:0.2", "unit-distance:0.5"}
+    assert {r.accept.name for r in grid[1:]} == {"exact", "topk:2", "typical:0.2", "unit-distance:0.5"}
 
 
 def eval_args(qwen_dir, data, out, *extra):

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_model
-from sparkee import ExitHeads, wrap_model
+from sparkee import ExitHeads, parse_policy, wrap_model
 from sparkee.cli import app
 from sparkee.errors import SparkeeError
 from sparkee.eval.harness import Row, parse_rows, summarize
@@ -45,7 +45,9 @@ def test_parse_rows_adds_full_text_rows_and_sweeps():
     names = [r.name for r in rows]
     assert names == ["full", "spar-k:even:4", "spar-k:even:2", "spar-k:even:3", "spar-k:even:3|fixed:2",
                      "spar-k:even:3|fixed:3"]  # fmt: skip
-    assert parse_rows("confidence:4:0.5", sweep="2:3", num_layers=6)[-1].speech == "confidence:2:0.5"
+    swept = parse_rows("confidence:4:0.5", sweep="2:3", num_layers=6)[-1].speech
+    assert swept == parse_policy("confidence:2:0.5")  # a sweep is the policy at another layer, named so
+    assert parse_policy("spar-k:adaptive:4:6").with_layer(2) == parse_policy("spar-k:adaptive:2:6")
     with pytest.raises(SparkeeError, match="out of range"):
         parse_rows("fixed:9", num_layers=6)
     with pytest.raises(SparkeeError, match="needs A < B"):

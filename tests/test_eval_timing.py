@@ -54,8 +54,8 @@ def fake_timer(monkeypatch, load):
         results = real(run, prompts, cfg, heads)
         if cfg.max_new_tokens == harness.WARMUP_TOKENS:  # the untimed warm-up
             return results
-        factor = load(cfg.speech_policy, len(order))
-        order.append(cfg.speech_policy)
+        factor = load(cfg.speech_policy.name, len(order))
+        order.append(cfg.speech_policy.name)
         for res in results:
             predicted = res.stats["batch_predicted_s" if len(prompts) > 1 else "predicted_s"]
             res.stats["decode_s"] = predicted * factor
@@ -152,7 +152,9 @@ def test_warm_up_is_untimed_and_the_timed_units_are_complete(qwen_dir, data, tmp
     monkeypatch.setattr(
         harness,
         "_decode",
-        lambda run, p, cfg, h: calls.append((cfg.speech_policy, cfg.max_new_tokens)) or real(run, p, cfg, h),
+        lambda run, p, cfg, h: (
+            calls.append((cfg.speech_policy.name, cfg.max_new_tokens)) or real(run, p, cfg, h)
+        ),
     )
     res = run_eval(qwen_dir, data, tmp_path / "ev", "--batch-size", "4")
     assert res.exit_code == 0, res.output

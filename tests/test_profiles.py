@@ -133,3 +133,26 @@ def test_item_config_follows_the_prompts_format():
     item = PromptItem([1, 2], {"format": "early-stop"})
     assert item_config(cfg, item).interleave.format == "early-stop"
     assert item_config(cfg, PromptItem([1, 2])) is cfg
+
+
+def test_a_config_of_parsed_specs_keys_manifests_like_the_strings_it_came_from():
+    from sparkee import parse_accept, parse_policy
+    from sparkee.pooling import parse_pool
+    from sparkee.profiles import config_json
+
+    strings = GenerationConfig(speech_policy="spar-k:even:3", text_policy="fixed:2", accept="typical:0.2")
+    parsed = GenerationConfig(
+        speech_policy=parse_policy("spar-k:even:3"),
+        text_policy=parse_policy("fixed:2"),
+        accept=parse_accept("typical:0.2"),
+    )
+    assert config_json(parsed) == config_json(strings)
+    assert (
+        config_json(parsed)["speech_policy"] == "spar-k:even:3"
+        and config_json(parsed)["accept"] == "typical:0.2"
+    )
+    # a pooling setting keys by its values, not by how its text was spelled
+    a = config_json(GenerationConfig(prefill_pool=parse_pool("in=0.8,deep=0.7@2")))
+    assert a == config_json(GenerationConfig(prefill_pool=parse_pool("in=0.80, deep=0.7@2")))
+    assert a != config_json(GenerationConfig(prefill_pool=parse_pool("in=0.9,deep=0.7@2")))
+    assert str(parse_policy("spar-k:even:3")) == "spar-k:even:3" and str(parse_accept("topk:2")) == "topk:2"

@@ -18,6 +18,11 @@ rule compares the early token x with them (text steps always use `exact`):
 
 A rejected token is replaced by the full model's choice: its argmax when greedy, a draw from its
 distribution when sampling (the residual max(0, p - q) under `exact`).
+
+Each rule is one small class: `keeps(token, evidence)` says whether it keeps an early token, and
+`decide(token, evidence)` says what the row goes on with (the token, or the full model's choice);
+`Exact.decide` is speculative sampling when sampling in verified mode. The engine builds one
+`Evidence` per checked position and calls `rule.decide`, whatever the rule.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
 
 import torch
 
@@ -36,22 +43,165 @@ from .syntax import ACCEPT_SYNTAX
 Distance = Callable[[int, int], float]
 
 
-@dataclass(frozen=True)
+@dataclass
+class Evidence:
+    """What the full pass says at one early position: what a rule decides from."""
+
+    logits: torch.Tensor  # [n] the full model's processed logits over `ids` (or the whole vocabulary)
+    ids: torch.Tensor | None  # [n] sorted token ids of those entries; None: the whole vocabulary
+    best: int  # the token of the largest logit
+    previous: int | None = None  # the token before the early one (no-stretch)
+    distance: Distance | None = None  # the unit-distance plug-in
+    # sampling in verified mode only; greedy, or unverified (judged greedily, no draws): None
+    probs: torch.Tensor | None = None  # [n] the full model's sampling distribution over the same entries
+    early_probs: torch.Tensor | None = None  # [V] q, the early step's distribution over the vocabulary
+    gen: torch.Generator | None = None  # the row's own generator
+
+    @cached_property
+    def choice(self) -> int:
+        """The full model's own token: its argmax when greedy, one draw from its distribution when
+        sampling (drawn once, when a rule first asks)."""
+        if self.probs is None:
+            return self.best
+        return token_of(int(torch.multinomial(self.probs, 1, generator=self.gen)), self.ids)
+
+    def column(self, token: int) -> int | None:
+        """The entry of `token` in the logits; None when it is not among them."""
+        if self.ids is None:
+            return token
+        i = int(torch.searchsorted(self.ids, token))
+        return i if i < self.ids.numel() and int(self.ids[i]) == token else None
+
+
+def token_of(index: int, ids: torch.Tensor | None) -> int:
+    """The token id of entry `index` of logits over `ids` (or the whole vocabulary)."""
+    return index if ids is None else int(ids[index])
+
+
 class AcceptRule:
-    kind: str  # exact | topk | typical | unit-distance | no-stretch
-    k: int = 1
-    eps: float = 0.0
-    delta: float = 0.0
-    max_distance: float = 0.0
-    name: str = "exact"
-    inner: AcceptRule | None = None  # no-stretch: the rule it guards
+    """An acceptance rule of verified mode (see the module docstring); `name` is its spec string."""
+
+    kind: ClassVar[str]
+    lossless: ClassVar[bool] = False
+    name: str
+
+    def __str__(self) -> str:  # the spec string: what logs, JSON and the API show
+        return self.name
 
     @property
-    def lossless(self) -> bool:
-        return self.kind == "exact"
+    def needs_distance(self) -> bool:
+        """Whether the rule asks a unit-distance plug-in (so the plan must resolve one)."""
+        return False
+
+    def keeps(self, token: int, ev: Evidence) -> bool:
+        raise NotImplementedError
+
+    def decide(self, token: int, ev: Evidence) -> tuple[bool, int]:
+        """(kept, the token the row goes on with): `token` when kept, else the full model's choice.
+        The full model's own choice is always kept."""
+        if token == ev.choice or self.keeps(token, ev):
+            return True, token
+        return False, ev.choice
 
 
-EXACT = AcceptRule("exact")
+@dataclass(frozen=True)
+class Exact(AcceptRule):
+    """x is the full model's choice; sampling in verified mode: speculative sampling (lossless)."""
+
+    name: str = "exact"
+    kind: ClassVar[str] = "exact"
+    lossless: ClassVar[bool] = True
+
+    def keeps(self, token: int, ev: Evidence) -> bool:
+        return token == ev.choice
+
+    def decide(self, token: int, ev: Evidence) -> tuple[bool, int]:
+        if ev.probs is None or ev.early_probs is None:  # greedy, or judged greedily
+            return super().decide(token, ev)
+        # accept with probability min(1, p(x) / q(x)), else draw from max(0, p - q): the output
+        # distribution is the full model's
+        q = ev.early_probs
+        p = torch.zeros(q.numel())
+        p[ev.ids.cpu() if ev.ids is not None else slice(None)] = ev.probs.cpu()
+        if float(torch.rand((), generator=ev.gen)) < min(1.0, float(p[token] / q[token].clamp_min(1e-20))):
+            return True, token
+        resid = (p - q).clamp_min(0)
+        resid = resid / resid.sum() if resid.sum() > 0 else p
+        return False, int(torch.multinomial(resid, 1, generator=ev.gen))
+
+
+@dataclass(frozen=True)
+class TopK(AcceptRule):
+    """x is among the full model's K most likely tokens."""
+
+    k: int
+    name: str
+    kind: ClassVar[str] = "topk"
+
+    def keeps(self, token: int, ev: Evidence) -> bool:
+        col = ev.column(token)
+        if col is None:  # the early token is not even a candidate of the full model's projection
+            return False
+        src = ev.probs if ev.probs is not None else ev.logits
+        kth = torch.topk(src, min(self.k, src.numel())).values[-1]
+        return bool(src[col] >= kth) and (ev.probs is None or bool(ev.probs[col] > 0))
+
+
+@dataclass(frozen=True)
+class Typical(AcceptRule):
+    """Medusa's typical acceptance: p(x) >= min(EPS, DELTA * exp(-H(p)))."""
+
+    eps: float
+    delta: float
+    name: str
+    kind: ClassVar[str] = "typical"
+
+    def keeps(self, token: int, ev: Evidence) -> bool:
+        col = ev.column(token)
+        if col is None:
+            return False
+        p = ev.probs if ev.probs is not None else torch.softmax(ev.logits.float(), -1)
+        return float(p[col]) >= min(self.eps, self.delta * math.exp(-entropy(p)))
+
+
+@dataclass(frozen=True)
+class UnitDistance(AcceptRule):
+    """distance(x, y) <= D, y the full model's choice, `distance` a plug-in."""
+
+    max_distance: float
+    name: str
+    kind: ClassVar[str] = "unit-distance"
+
+    @property
+    def needs_distance(self) -> bool:
+        return True
+
+    def keeps(self, token: int, ev: Evidence) -> bool:
+        if ev.distance is None:
+            raise SparkeeError("acceptance rule unit-distance needs a distance plug-in (--unit-distance)")
+        return token == ev.choice or float(ev.distance(token, ev.choice)) <= self.max_distance
+
+
+@dataclass(frozen=True)
+class NoStretch(AcceptRule):
+    """`inner`, except that x is rejected when it repeats the previous token while y does not."""
+
+    inner: AcceptRule
+    name: str
+    kind: ClassVar[str] = "no-stretch"
+
+    @property
+    def needs_distance(self) -> bool:
+        return self.inner.needs_distance
+
+    def keeps(self, token: int, ev: Evidence) -> bool:
+        prev, choice = ev.previous, ev.choice
+        if prev is not None and token == prev and choice != prev and token != choice:
+            return False  # a repeat of the unit where the full model switches: it would stretch speech
+        return self.inner.keeps(token, ev)
+
+
+EXACT = Exact()
 
 
 def _number(text: str, spec: str, what: str) -> float:
@@ -78,7 +228,7 @@ def parse_accept(spec: str | AcceptRule | None) -> AcceptRule:
     if kind == "topk" and len(parts) == 2:
         if not re.fullmatch(r"\d+", parts[1]) or int(parts[1]) < 1:
             raise SparkeeError(f"acceptance rule '{s}' needs a whole number K >= 1, got '{parts[1]}'")
-        return AcceptRule("topk", k=int(parts[1]), name=s)
+        return TopK(int(parts[1]), name=s)
     if kind == "typical" and len(parts) in (2, 3):
         eps = _number(parts[1], s, "EPS")
         if not 0 < eps <= 1:
@@ -86,20 +236,20 @@ def parse_accept(spec: str | AcceptRule | None) -> AcceptRule:
         delta = _number(parts[2], s, "DELTA") if len(parts) == 3 else math.sqrt(eps)
         if delta <= 0:
             raise SparkeeError(f"acceptance rule '{s}' needs DELTA > 0, got {parts[2]}")
-        return AcceptRule("typical", eps=eps, delta=delta, name=s)
+        return Typical(eps, delta, name=s)
     if kind == "no-stretch" and len(parts) >= 2:
         inner = parse_accept(":".join(parts[1:]))
-        if inner.kind in ("exact", "no-stretch"):
+        if isinstance(inner, (Exact, NoStretch)):
             raise SparkeeError(
                 f"acceptance rule '{s}' guards a tolerant rule (topk, typical or unit-distance): "
                 "exact never keeps a token the full model did not choose"
             )
-        return AcceptRule("no-stretch", name=s, inner=inner)
+        return NoStretch(inner, name=s)
     if kind == "unit-distance" and len(parts) == 2:
         d = _number(parts[1], s, "D")
         if d < 0:
             raise SparkeeError(f"acceptance rule '{s}' needs D >= 0, got {parts[1]}")
-        return AcceptRule("unit-distance", max_distance=d, name=s)
+        return UnitDistance(d, name=s)
     raise SparkeeError(f"unknown acceptance rule '{spec}': use {ACCEPT_SYNTAX}")
 
 
@@ -107,53 +257,6 @@ def entropy(p: torch.Tensor) -> float:
     """Entropy in nats of a probability vector."""
     logp = p.clamp_min(1e-30).log()
     return float(-(p * logp).sum())
-
-
-def criterion(
-    rule: AcceptRule,
-    token: int,
-    logits: torch.Tensor,
-    ids: torch.Tensor | None,
-    probs: torch.Tensor | None,
-    choice: int,
-    distance: Distance | None,
-    previous: int | None = None,
-) -> bool:
-    """Whether a tolerant rule keeps `token` (greedy or sampling; not the `exact` sampling rule).
-
-    logits: the full model's processed logits over `ids` (or the whole vocabulary); probs: its
-    sampling distribution over the same entries (None when greedy); choice: the full model's own
-    token (argmax, or a draw); previous: the token before `token` (for no-stretch).
-    """
-    if rule.kind == "exact":
-        return token == choice
-    if rule.kind == "no-stretch":
-        if previous is not None and token == previous and choice != previous and token != choice:
-            return False
-        return criterion(rule.inner, token, logits, ids, probs, choice, distance, previous)
-    if rule.kind == "unit-distance":
-        if distance is None:
-            raise SparkeeError("acceptance rule unit-distance needs a distance plug-in (--unit-distance)")
-        return token == choice or float(distance(token, choice)) <= rule.max_distance
-    col = _column(token, ids)
-    if col is None:  # the early token is not even a candidate of the full model's projection
-        return False
-    if rule.kind == "topk":
-        src = probs if probs is not None else logits
-        k = min(rule.k, src.numel())
-        kth = torch.topk(src, k).values[-1]
-        return bool(src[col] >= kth) and (probs is None or bool(probs[col] > 0))
-    if rule.kind == "typical":
-        p = probs if probs is not None else torch.softmax(logits.float(), -1)
-        return float(p[col]) >= min(rule.eps, rule.delta * math.exp(-entropy(p)))
-    raise AssertionError(rule.kind)
-
-
-def _column(token: int, ids: torch.Tensor | None) -> int | None:
-    if ids is None:
-        return token
-    i = int(torch.searchsorted(ids, token))
-    return i if i < ids.numel() and int(ids[i]) == token else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,6 +90,37 @@ VocabAuditOpt = Annotated[
 CheckpointOpt = Annotated[
     Path, typer.Option("--model", help="Hugging Face checkpoint directory (Qwen2, Llama or Glm layout).")
 ]
+# the sampling and verification options of generate and serve (a server's requests may override them)
+SpeechPolicyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--speech-policy",
+        help=f"Exit policy of speech steps: {POLICY_SYNTAX} (default: full, or the preset's).",
+    ),
+]
+TextPolicyOpt = Annotated[
+    str | None, typer.Option("--text-policy", help="Exit policy of text steps, same syntax (default: full).")
+]
+TemperatureOpt = Annotated[
+    float | None, typer.Option("--temperature", help="0 = greedy (default: 0, or the preset's).")
+]
+TopPOpt = Annotated[
+    float | None, typer.Option("--top-p", help="Nucleus sampling mass (default: 1, or the preset's).")
+]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help="Verified mode: check early tokens against the last layer, reject by --accept (exact: lossless).",
+    ),
+]
+AcceptOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--accept",
+        help=f"Acceptance rule of verified mode at speech steps: {ACCEPT_SYNTAX} (default: exact).",
+    ),
+]
 
 # the decoding options shared by generate, train-heads, layer-report and eval (None: the model's own)
 DECODING_OPTIONS = {
@@ -240,6 +271,19 @@ def pool_option(text: str, num_layers: int | None = None) -> PoolSpec:
     return spec
 
 
+def parsed_specs(speech_policy: str | None, text_policy: str | None, accept: str | None) -> dict:
+    """--speech-policy, --text-policy and --accept parsed once, as `resolve_config` overrides
+    (None: the model's own); the engine takes the objects as they are."""
+    from .accept import parse_accept
+    from .schedule import parse_policy
+
+    return {
+        "speech_policy": None if speech_policy is None else parse_policy(speech_policy),
+        "text_policy": None if text_policy is None else parse_policy(text_policy),
+        "accept": None if accept is None else parse_accept(accept),
+    }
+
+
 def check_at_least(value: int | None, least: int, option: str) -> None:
     if value is not None and value < least:
         raise SparkeeError(f"{option} must be at least {least}, got {value}")
@@ -273,12 +317,8 @@ def generate(
     heads: str = typer.Option(
         "logit-lens", "--heads", help="Exit heads file (.safetensors) or 'logit-lens'."
     ),
-    speech_policy: str = typer.Option(
-        None, "--speech-policy", help=f"{POLICY_SYNTAX} (default: full, or the preset's)."
-    ),
-    text_policy: str = typer.Option(
-        None, "--text-policy", help="Exit policy for text steps, same syntax (default: full)."
-    ),
+    speech_policy: SpeechPolicyOpt = None,
+    text_policy: TextPolicyOpt = None,
     prompt: str = typer.Option(
         None,
         "--prompt",
@@ -288,20 +328,12 @@ def generate(
         None, "--prompt-ids", help="Prompt token ids, separated by commas or spaces."
     ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-    temperature: float = typer.Option(
-        None, "--temperature", help="0 = greedy (default: 0, or the preset's)."
-    ),
-    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass (default: 1, or the preset's)."),
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
     top_k: TopKOpt = None,
     seed: int = typer.Option(None, "--seed"),
-    verify: bool = typer.Option(
-        False,
-        "--verify",
-        help="Check early tokens against the last layer; reject by --accept (exact: lossless).",
-    ),
-    accept: str = typer.Option(
-        None, "--accept", help=f"Acceptance rule at speech steps: {ACCEPT_SYNTAX} (default: exact)."
-    ),
+    verify: VerifyOpt = False,
+    accept: AcceptOpt = None,
     unit_distance: UnitDistanceOpt = None,
     repetition_penalty: RepetitionOpt = None,
     speech_vocab_only: SpeechVocabOnlyOpt = False,
@@ -338,7 +370,6 @@ def generate(
     from .backbone import load_model
     from .heads import resolve_heads
     from .profiles import resolve_config
-    from .schedule import parse_policy
 
     if trace and not as_json:
         raise SparkeeError("--trace adds the per-step records to the JSON output: give --json too")
@@ -352,13 +383,7 @@ def generate(
     check_at_least(batch_size, 1, "--batch-size")
     if batch_size > 1 and prompts_file is None:
         raise SparkeeError("--batch-size decodes several prompts together: give them with --prompts-file")
-    for spec in (speech_policy, text_policy):
-        if spec is not None:
-            parse_policy(spec)
-    if accept is not None:
-        from .accept import parse_accept
-
-        parse_accept(accept)
+    specs = parsed_specs(speech_policy, text_policy, accept)  # bad ones fail before the model loads
     ids = parse_ids(prompt_ids, "--prompt-ids") if prompt_ids is not None else None
     pool = pool_option(prefill_pool) if prefill_pool is not None else None
     overrides = decoding.overrides()  # bad option values fail before the model loads
@@ -367,16 +392,14 @@ def generate(
     cfg = resolve_config(
         profile,
         overrides
+        | specs
         | {
             "max_new_tokens": max_new_tokens,
-            "speech_policy": speech_policy,
-            "text_policy": text_policy,
             "temperature": temperature,
             "top_p": top_p,
             "top_k": top_k,
             "seed": seed,
             "verify": verify or None,  # flags only switch on: None keeps the profile's setting
-            "accept": accept,
             "unit_distance": unit_distance,
             "repetition_penalty": repetition_penalty,
             "speech_vocab_only": speech_vocab_only or None,
@@ -1038,22 +1061,18 @@ def serve(
     heads: str = typer.Option(
         "logit-lens", "--heads", help="Exit heads file (.safetensors), 'logit-lens' or 'bundled'."
     ),
-    speech_policy: str = typer.Option(
-        None, "--speech-policy", help=f"Default speech policy: {POLICY_SYNTAX} (requests may pick another)."
-    ),
-    text_policy: str = typer.Option(None, "--text-policy", help="Default text policy, same syntax."),
+    speech_policy: SpeechPolicyOpt = None,
+    text_policy: TextPolicyOpt = None,
     max_new_tokens: int = typer.Option(
         None,
         "--max-new-tokens",
         help="Answer length when a request gives no max_tokens (default: the model's).",
     ),
-    temperature: float = typer.Option(None, "--temperature", help="Default temperature (0 = greedy)."),
-    top_p: float = typer.Option(None, "--top-p", help="Default nucleus sampling mass."),
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
     top_k: TopKOpt = None,
-    verify: bool = typer.Option(
-        False, "--verify", help="Verified mode by default (requests may turn it off)."
-    ),
-    accept: str = typer.Option(None, "--accept", help=f"Default acceptance rule: {ACCEPT_SYNTAX}."),
+    verify: VerifyOpt = False,
+    accept: AcceptOpt = None,
     unit_distance: UnitDistanceOpt = None,
     repetition_penalty: RepetitionOpt = None,
     speech_vocab_only: SpeechVocabOnlyOpt = False,
@@ -1097,15 +1116,8 @@ def serve(
     from .backbone import load_model
     from .heads import resolve_heads
     from .profiles import resolve_config
-    from .schedule import parse_policy
 
-    for spec in (speech_policy, text_policy):
-        if spec is not None:
-            parse_policy(spec)
-    if accept is not None:
-        from .accept import parse_accept
-
-        parse_accept(accept)
+    specs = parsed_specs(speech_policy, text_policy, accept)  # bad ones fail before the model loads
     check_at_least(max_batch_size, 1, "--max-batch-size")
     check_at_least(max_queue, 0, "--max-queue")
     check_at_least(max_len, 2, "--max-len")
@@ -1133,15 +1145,13 @@ def serve(
     cfg = resolve_config(
         profile,
         overrides
+        | specs
         | {
             "max_new_tokens": max_new_tokens,
-            "speech_policy": speech_policy,
-            "text_policy": text_policy,
             "temperature": temperature,
             "top_p": top_p,
             "top_k": top_k,
             "verify": verify or None,
-            "accept": accept,
             "unit_distance": unit_distance,
             "repetition_penalty": repetition_penalty,
             "speech_vocab_only": speech_vocab_only or None,

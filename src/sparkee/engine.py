@@ -54,7 +54,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import cost, hf
-from .accept import EXACT, AcceptRule, criterion, parse_accept, resolve_distance
+from .accept import EXACT, AcceptRule, Evidence, entropy, parse_accept, resolve_distance, token_of
 from .backbone import Backbone
 from .cache import LayeredKVCache, RowView
 from .config import GenerationConfig, calibration_wanted
@@ -411,7 +411,10 @@ def _step(run: _Run, rows: list[int]) -> None:
         keep = [j for j in range(len(carry.rows)) if j not in here]
         for n, j in enumerate(here):
             b, rp = carry.rows[j], live[carry.rows[j]]
-            if rp.action == "exit" or _entropy(head_logits[n]) < rp.policy.threshold:
+            if (
+                rp.action == "exit"
+                or entropy(torch.softmax(head_logits[n].float(), -1)) < rp.policy.threshold
+            ):
                 tr = run.traces[b]
                 s = carry.start[j]
                 run.pend_h[b, s : s + carry.count[j]] = carry.h[j, : carry.count[j]]
@@ -441,7 +444,7 @@ def _emit_early(run: _Run, b: int, logits: torch.Tensor, rp: _RowPlan, filled: i
         q = torch.zeros(plan.bb.vocab_size)
         q[ids.cpu() if ids is not None else slice(None)] = probs.cpu()
         tr.early_probs[tr.pos] = q
-    token = _token(idx, ids)
+    token = token_of(idx, ids)
     rec = StepRecord(tr.pos, token, rp.modality, rp.depth, "early", filled=filled)
     rec.misplanned = misplanned(rp.modality, plan.kind_of(token))
     tr.append(rec, rp.state)
@@ -493,7 +496,7 @@ def _emit_full(run: _Run, b: int, full, restricted, j: int, state, modality: str
     logits, ids = _choice(plan, full, restricted, j, modality == "speech")
     logits = _penalize(logits, tr.seq, plan.cfg.repetition_penalty, ids)
     idx, _ = _draw(logits, plan.cfg, tr.gen)
-    token = _token(idx, ids)
+    token = token_of(idx, ids)
     changed = None
     if ids is not None and full is not None:  # audited --speech-vocab-only
         changed = int(torch.argmax(full[j])) != int(ids[int(torch.argmax(logits))])
@@ -575,36 +578,18 @@ def _pooled_prefill(run: _Run, b: int, h: torch.Tensor, spec: PoolSpec) -> _Carr
 def _verify_one(plan: Plan, tr: Trace, pos: int, rec: StepRecord, logits, ids) -> tuple[bool, int, bool]:
     """Check the early token produced at step `pos` against the last layer's logits.
 
-    Returns (accepted, the full model's replacement, accepted by the exact rule = agreed). Without
-    verified mode the rule is judged greedily (no random draws), so that unverified output never
-    depends on the rule.
+    Returns (accepted, the token the row goes on with, agreed: the early token is the full model's
+    argmax). Without verified mode the rule is judged greedily (no random draws), so that
+    unverified output never depends on the rule.
     """
     cfg = plan.cfg
     logits = _penalize(logits, tr.seq[: pos + 1], cfg.repetition_penalty, ids)
     rule = plan.accept if rec.modality == "speech" else EXACT
-    best = _token(int(torch.argmax(logits)), ids)
-    agreed = best == rec.token
-    if cfg.temperature == 0 or not cfg.verify:
-        ok = agreed or (
-            rule.kind != "exact"
-            and criterion(rule, rec.token, logits, ids, None, best, plan.distance, tr.seq[pos])
-        )
-        return ok, best, agreed
-    p_sub = _distribution(logits, cfg)
-    if rule.kind == "exact":  # speculative sampling: the output distribution is the full model's
-        p = torch.zeros(plan.bb.vocab_size)
-        p[ids.cpu() if ids is not None else slice(None)] = p_sub.cpu()
-        q = tr.early_probs[pos]
-        if float(torch.rand((), generator=tr.gen)) < min(
-            1.0, float(p[rec.token] / q[rec.token].clamp_min(1e-20))
-        ):
-            return True, rec.token, agreed
-        resid = (p - q).clamp_min(0)
-        resid = resid / resid.sum() if resid.sum() > 0 else p
-        return False, int(torch.multinomial(resid, 1, generator=tr.gen)), agreed
-    draw = _token(int(torch.multinomial(p_sub, 1, generator=tr.gen)), ids)
-    ok = criterion(rule, rec.token, logits, ids, p_sub, draw, plan.distance, tr.seq[pos])
-    return ok, draw, agreed
+    ev = Evidence(logits, ids, token_of(int(torch.argmax(logits)), ids), tr.seq[pos], plan.distance)
+    if cfg.verify and cfg.temperature > 0:  # the rule decides on the full model's distribution
+        ev.probs, ev.early_probs, ev.gen = _distribution(logits, cfg), tr.early_probs[pos], tr.gen
+    accepted, token = rule.decide(rec.token, ev)
+    return accepted, token, ev.best == rec.token
 
 
 def _check_pending(run: _Run, b: int, full, restricted, first: int, start: int, n: int) -> bool:
@@ -972,15 +957,6 @@ def _draw(logits: torch.Tensor, cfg: GenerationConfig, gen) -> tuple[int, torch.
     return int(torch.multinomial(probs, 1, generator=gen)), probs
 
 
-def _entropy(logits: torch.Tensor) -> float:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return float(-(logp.exp() * logp).sum())
-
-
-def _token(idx: int, ids: torch.Tensor | None) -> int:
-    return int(ids[idx]) if ids is not None else idx
-
-
 # ---------------------------------------------------------------------------------------------
 # the run's fixed plan and each row's trace
 
@@ -1115,7 +1091,7 @@ def make_plan(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig, prompt_len:
         raise SparkeeError("spar-k:adaptive is a speech policy: its run length follows speech refreshes")
     rule = parse_accept(cfg.accept)
     distance = None
-    if "unit-distance" in (rule.kind, rule.inner and rule.inner.kind):
+    if rule.needs_distance:
         distance = resolve_distance(cfg.unit_distance)
         if distance is None:
             raise SparkeeError(

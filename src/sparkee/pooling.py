@@ -16,7 +16,7 @@ the text that follows sees the same relative distances to the un-pooled prompt e
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,7 @@ class PoolSpec:
     window_in: int = 1
     window_deep: int = 3
     position: str = "first"  # measured better than "mean" on the reference SLM (docs/results.md)
+    text: str = field(default="", compare=False)  # as the user wrote it (eval's row names show it)
 
     def check(self, num_layers: int) -> None:
         if not 1 <= self.layer < num_layers:
@@ -61,6 +62,7 @@ def parse_pool(text: str) -> PoolSpec:
             window_in=int(fields.get("window-in", 1)),
             window_deep=int(fields.get("window-deep", 3)),
             position=fields.get("pos", "first"),
+            text=text.strip(),
         )
     except ValueError:
         raise SparkeeError(f"{usage}, got '{text}'") from None

@@ -24,7 +24,7 @@ from typing import Any
 
 from .config import GenerationConfig
 from .errors import SparkeeError
-from .schedule import Interleave
+from .schedule import Interleave, Policy
 from .sources import PromptItem, load_tokenizer, read_prompt_file
 
 REFSLM_META = "sparkee_refslm.json"
@@ -421,5 +421,18 @@ def item_config(cfg: GenerationConfig, item: PromptItem) -> GenerationConfig:
 
 
 def config_json(cfg: GenerationConfig) -> dict:
-    """A JSON-able view of a config (for manifests and work-directory keys)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    """A JSON-able view of a config (for manifests and work-directory keys). Policies and rules
+    show as their spec strings, so a config holding parsed specs and one holding the strings they
+    came from give the same view."""
+    from .accept import AcceptRule
+    from .pooling import PoolSpec
+
+    def plain(v):
+        if isinstance(v, (Policy, AcceptRule)):
+            return v.name
+        if isinstance(v, PoolSpec):
+            return {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if f.compare}
+        return v
+
+    view = {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    return json.loads(json.dumps(view, default=lambda v: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else str(v)))

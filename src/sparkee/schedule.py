@@ -9,7 +9,7 @@ or control), so that the `auto` format can follow what the model actually emits.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .errors import SparkeeError
@@ -46,6 +46,9 @@ class Policy:
     def spec(self) -> str:
         return self.name
 
+    def __str__(self) -> str:  # the spec string, as written: what logs, JSON and the API show
+        return self.name
+
     @property
     def uses_heads(self) -> bool:
         return self.kind != "full"
@@ -68,6 +71,14 @@ class Policy:
         assert self.pattern is not None
         letter = self.pattern[(index_in_chunk - 1) % len(self.pattern)]
         return ("exit", self.layer) if letter == "E" else ("full", None)
+
+    def with_layer(self, layer: int) -> Policy:
+        """The same policy exiting at `layer` (a layer sweep); its name says the new layer."""
+        if self.layer is None:
+            raise SparkeeError(f"policy '{self.name}' has no exit layer to change")
+        parts = self.name.split(":")
+        parts[1 if self.kind in ("fixed", "confidence") else 2] = str(layer)
+        return replace(self, layer=layer, name=":".join(parts))
 
     def check_layers(self, num_layers: int) -> None:
         if self.layer is not None and not 1 <= self.layer < num_layers:

@@ -24,14 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..accept import EXACT, AcceptRule, parse_accept
 from ..backbone import Backbone
 from ..config import GenerationConfig
 from ..engine import check_config
 from ..errors import SparkeeError
 from ..generate import generate, generate_batch
 from ..heads import ExitHeads
+from ..pooling import PoolSpec, parse_pool
 from ..progress import Progress
-from ..schedule import parse_pair, parse_policy
+from ..schedule import Policy, parse_pair, parse_policy
 from ..scoring import accuracy, verdict, wer
 from ..sources import PromptItem
 from .measures import Measures
@@ -42,24 +44,43 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class Row:
-    text: str
-    speech: str
-    pool: str | None = None  # --prefill-pool spec of this row, if any
-    accept: str | None = None  # verified mode with this acceptance rule (row suffix +verify[=RULE])
+    """One eval row: policies, verified mode's rule, pooling and heads, parsed once (strings given
+    to the constructor are parsed here, the edge of eval)."""
+
+    text: Policy
+    speech: Policy
+    pool: PoolSpec | None = None  # --prefill-pool setting of this row, if any
+    accept: AcceptRule | None = None  # verified mode with this acceptance rule (row suffix +verify[=RULE])
     heads: str | None = None  # this row's exit heads (row suffix @HEADS); None: the run's --heads
+
+    def __post_init__(self) -> None:
+        for name, parse in (
+            ("text", parse_policy),
+            ("speech", parse_policy),
+            ("accept", parse_accept),
+            ("pool", parse_pool),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, parse(value))
 
     @property
     def name(self) -> str:
-        name = self.speech if self.text == "full" else f"{self.text}|{self.speech}"
+        name = self.speech.name if self.text.kind == "full" else f"{self.text.name}|{self.speech.name}"
         if self.accept is not None:
-            name += "+verify" if self.accept == "exact" else f"+verify={self.accept}"
+            name += "+verify" if self.accept.lossless else f"+verify={self.accept.name}"
         if self.heads is not None:
             name += f"@{heads_label(self.heads)}"
-        return name if self.pool is None else f"{name} pool({self.pool})"
+        return name if self.pool is None else f"{name} pool({self.pool.text})"
 
     @property
     def is_full(self) -> bool:
-        return self.text == "full" and self.speech == "full" and self.pool is None and self.accept is None
+        return (
+            self.text.kind == "full"
+            and self.speech.kind == "full"
+            and self.pool is None
+            and self.accept is None
+        )
 
     @property
     def slug(self) -> str:
@@ -74,13 +95,11 @@ def heads_label(spec: str) -> str:
     return spec if spec in ("bundled", "logit-lens") else Path(spec).stem
 
 
-def parse_row(entry: str, text_policy: str = "full", num_layers: int | None = None) -> Row:
+def parse_row(entry: str, text_policy: str | Policy = "full", num_layers: int | None = None) -> Row:
     """One row: `SPEECH` or `TEXT|SPEECH`, optionally followed by `+verify` (the exact rule) or
     `+verify=RULE` (an acceptance rule, see accept.py), then optionally `@HEADS` (a heads file,
     `bundled` or `logit-lens`: this row's exit heads instead of --heads), e.g.
     `spar-k:FEEE:8+verify=topk:2` or `spar-k:FEEEEE:1+verify@adapter.safetensors`."""
-    from ..accept import parse_accept
-
     heads = None
     if "@" in entry:
         entry, _, heads = entry.rpartition("@")
@@ -94,11 +113,13 @@ def parse_row(entry: str, text_policy: str = "full", num_layers: int | None = No
         entry, _, rule = entry.partition(VERIFY_SUFFIX)
         if rule and not rule.startswith("="):
             raise SparkeeError(f"a row ends in +verify or +verify=RULE, got '{VERIFY_SUFFIX}{rule}'")
-        accept = parse_accept(rule[1:] if rule else "exact").name
+        accept = parse_accept(rule[1:] if rule else "exact")
     text, speech = entry.split("|", 1) if "|" in entry else (text_policy, entry)
-    for spec in (text, speech):
-        parse_policy(spec, num_layers)
-    return Row(text.strip(), speech.strip(), accept=accept, heads=heads)
+    text, speech = (p if isinstance(p, Policy) else parse_policy(p, num_layers) for p in (text, speech))
+    if num_layers is not None:
+        text.check_layers(num_layers)
+        speech.check_layers(num_layers)
+    return Row(text, speech, accept=accept, heads=heads)
 
 
 # the frontier sweep of verified SPAR-K (`eval --frontier`): patterns x exit layers x rules
@@ -138,20 +159,19 @@ def parse_rows(
         swept = []
         for r in rows:
             swept.append(r)
-            if parse_policy(r.speech).layer is not None:
+            if r.speech.layer is not None:
                 for layer in range(a, b):
-                    spec = re.sub(r":\d+(?=(:[\d.]+)?$)", f":{layer}", r.speech, count=1)
-                    parse_policy(spec, num_layers)
-                    swept.append(replace(r, speech=spec))
+                    speech = r.speech.with_layer(layer)
+                    if num_layers is not None:
+                        speech.check_layers(num_layers)
+                    swept.append(replace(r, speech=speech))
         rows = swept
     if pools:
-        from ..pooling import parse_pool
-
-        for p in pools:
-            spec = parse_pool(p)
+        specs = [parse_pool(p) for p in pools]
+        for spec in specs:
             if num_layers is not None:
                 spec.check(num_layers)
-        rows = rows + [replace(r, pool=p) for r in rows for p in pools]
+        rows = rows + [replace(r, pool=spec) for r in rows for spec in specs]
     rows = list(dict.fromkeys(rows))
     if not any(r.is_full for r in rows):
         rows.insert(0, Row("full", "full"))
@@ -252,17 +272,13 @@ def prepare_out(out: Path, manifest: dict, fresh: bool) -> None:
 
 
 def _row_config(cfg: GenerationConfig, row: Row, verify: bool) -> GenerationConfig:
-    from ..pooling import parse_pool
-
-    pool = parse_pool(row.pool) if row.pool else None
-    accept = row.accept or ("exact" if verify else cfg.accept)
     return replace(
         cfg,
         speech_policy=row.speech,
         text_policy=row.text,
         verify=verify or row.accept is not None,
-        accept=accept,
-        prefill_pool=pool,
+        accept=row.accept or (EXACT if verify else cfg.accept),
+        prefill_pool=row.pool,
     )
 
 
@@ -600,8 +616,8 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
         reads_full = sum(r["stats"]["weight_reads_full_estimate"] for r in rs)
         line = {
             "policy": row.name,
-            "text_policy": row.text,
-            "speech_policy": row.speech,
+            "text_policy": row.text.name,
+            "speech_policy": row.speech.name,
             "n": n,
             "errors": sum(1 for r in records if r.get("row") == row.name and "error" in r),
             "accuracy_speech": accuracy([r["speech_ok"] for r in rs]),
@@ -644,7 +660,7 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
             "speech_frames_drift": mean([d["frames"] for d in drift]),
             "unit_duration_drift": mean([d["durations"] for d in drift if d["durations"] is not None]),
             "mean_new_tokens": mean([len(r["tokens"]) for r in rs]),
-            "pool": row.pool,
+            "pool": None if row.pool is None else row.pool.text,
             "prefill_flops": mean([r["stats"]["prefill_flops"] for r in rs]),
             "kv_bytes": mean([r["stats"]["kv_bytes"] for r in rs]),
             "ttft_s": mean([r["stats"]["prefill_s"] for r in rs]),

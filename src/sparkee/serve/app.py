@@ -236,28 +236,23 @@ class Server:
 
     def config(self, req: _Common, max_new: int | None) -> GenerationConfig:
         sp = req.sparkee or SparkeeParams()
-        N = self.num_layers
-        for name in ("speech_policy", "text_policy"):
+        specs = {}  # parsed once here, the edge; the engine takes the objects as they are
+        for name in ("speech_policy", "text_policy", "accept"):
             spec = getattr(sp, name)
             if spec is not None:
                 try:
-                    parse_policy(spec, N)
+                    specs[name] = (
+                        parse_accept(spec) if name == "accept" else parse_policy(spec, self.num_layers)
+                    )
                 except SparkeeError as e:
                     raise ApiError(400, _sentence(str(e)), f"sparkee.{name}") from None
-        if sp.accept is not None:
-            try:
-                parse_accept(sp.accept)
-            except SparkeeError as e:
-                raise ApiError(400, _sentence(str(e)), "sparkee.accept") from None
         changes = {
             "max_new_tokens": max_new if max_new is not None else self.cfg.max_new_tokens,
             "temperature": req.temperature,
             "top_p": req.top_p,
             "seed": req.seed,
-            "speech_policy": sp.speech_policy,
-            "text_policy": sp.text_policy,
             "verify": sp.verify,
-            "accept": sp.accept,
+            **specs,
         }
         return replace(self.cfg, **{k: v for k, v in changes.items() if v is not None})
 
