@@ -22,7 +22,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("schedule", "config", "pooling", "refslm"),  # pure specs; the reference SLM's own files
     ("hf", "cache", "compiled", "kernels", "scripted", "models"),  # transformers, buffers, formats
     ("backbone",),
-    ("heads", "accept", "cost", "trace"),  # exit heads, acceptance rules, the meter and stats
+    ("heads", "accept", "cost", "trace", "stats"),  # exit heads, acceptance rules, the meter, records, stats
     ("engine",),  # the step-able engine and the decode loop
     ("calibrate",),  # measures a machine by running the engine
     ("generate",),  # generate / stream / generate_batch over the engine

@@ -21,6 +21,7 @@ from sparkee import (
     wrap_model,
 )
 from sparkee.kernels import FastLinear
+from sparkee.stats import batch_stats
 
 PROMPT = [5, 7, 9, 11, 3]
 
@@ -133,7 +134,7 @@ def test_batch_meter_counts_a_steps_fixed_work_once_per_batch_step():
         key={}, rows=[1, 64], layer_a=[0.0, 0.0], layer_c=[0.0, 0.0], mat_sizes=[1, 10**9],
         mat_rows=[1, 64], mat_s=[[0.0, 0.0], [0.0, 0.0]], overhead={"full": 1.0, "early": 0.5, "check": 0.0},
     )  # fmt: skip
-    stats = cost.batch_stats(gen._run.batch_meter, gen._run.traces, bb.num_layers, 1.0, cal, gen._run.plan)
+    stats = batch_stats(gen._run.batch_meter, gen._run.traces, bb.num_layers, 1.0, cal)
     assert stats["batch_predicted_speedup_calibrated"] == pytest.approx(8 / (4 + 2))
 
 

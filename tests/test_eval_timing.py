@@ -58,7 +58,7 @@ def fake_timer(monkeypatch, load):
         order.append(cfg.speech_policy.name)
         for res in results:
             predicted = res.stats["batch_predicted_s" if len(prompts) > 1 else "predicted_s"]
-            res.stats["decode_s"] = predicted * factor
+            res.stats.decode_s = predicted * factor
         return results
 
     monkeypatch.setattr(harness, "_decode", timed)

@@ -197,28 +197,3 @@ def compare(meter: CostMeter, base: CostMeter, calibration: Calibration | None) 
         return pred_mem, None, None, None
     t, t_base = calibration.time(meter), calibration.time(base)
     return pred_mem, (t_base / t if t > 0 else None), t, t_base
-
-
-def batch_stats(meter: CostMeter, traces, num_layers: int, decode_s: float, calibration, plan) -> dict:
-    """The batch as a whole: tokens/s and the predicted speed-up over decoding the same batch at
-    full depth, where at decode step s the rows still generating run every layer together."""
-    lengths = [len(t.records) for t in traces]
-    base = CostMeter(meter.layer_params, meter.kv_per_pos, meter.attn_width, meter.hidden, meter.vocab)
-    for s in range(1, max(lengths)):
-        live = [t for t, n in zip(traces, lengths, strict=True) if n > s]
-        ctx = max(t.prompt_len + s for t in live)
-        base.layers(0, num_layers, len(live), ctx, seqs=len(live))
-        base.matrix(meter.hidden * meter.vocab, len(live), "proj")
-        base.step("full")  # once per batch step, as the engine's batch meter counts it
-    tokens = sum(max(n - 1, 0) for n in lengths)
-    pred_mem, pred_cal, t, t_base = compare(meter, base, calibration)
-    return {
-        "batch_size": len(traces),
-        "batch_new_tokens": tokens,
-        "batch_tokens_per_s": tokens / decode_s if decode_s > 0 and tokens else None,
-        "batch_predicted_speedup": pred_cal if pred_cal is not None else pred_mem,
-        "batch_predicted_speedup_memory_bound": pred_mem,
-        "batch_predicted_speedup_calibrated": pred_cal,
-        "batch_predicted_s": t,  # calibrated seconds of the batch's passes (None: not calibrated)
-        "batch_predicted_full_s": t_base,
-    }

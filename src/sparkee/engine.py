@@ -71,7 +71,8 @@ from .schedule import (
     next_modality,
     parse_policy,
 )
-from .trace import StepRecord, compute_stats
+from .stats import BatchStats, RunStats, batch_stats, compute_stats
+from .trace import StepRecord
 
 DEFAULT_MAX_LEN = 2048  # positions per row when neither the caller nor the model says less
 _UNSET = object()
@@ -305,11 +306,11 @@ class Engine:
         N = self.bb.num_layers
         stats = compute_stats(tr, N, run.meters[row], decode_s, prefill_s, calibration, plan)
         P = tr.prompt_len
-        stats["prefill_flops"] = 2 * t.prefill_meter["macs"]
-        stats["prompt_len"] = P
-        stats["prompt_len_first_layer"] = P - run.cache.shift[0][row]
-        stats["prompt_len_last_layer"] = P - run.cache.shift[N - 1][row]
-        stats["kv_bytes"] = run.cache.nbytes(row)
+        stats.prefill_flops = 2 * t.prefill_meter["macs"]
+        stats.prompt_len = P
+        stats.prompt_len_first_layer = P - run.cache.shift[0][row]
+        stats.prompt_len_last_layer = P - run.cache.shift[N - 1][row]
+        stats.kv_bytes = run.cache.nbytes(row)
         return GenerationResult(
             prompt=tr.seq[:P],
             tokens=tr.seq[P:],
@@ -322,19 +323,11 @@ class Engine:
             draft_cache=None if run.draft is None else run.draft.row(row),
         )
 
-    def batch_stats(
-        self, rows: Sequence[int], decode_s: float, calibration, plan: Plan | None = None
-    ) -> dict:
-        """Stats of the batch as a whole (generate_batch's `batch_*` keys)."""
+    def batch_stats(self, rows: Sequence[int], decode_s: float, calibration) -> BatchStats:
+        """Stats of the batch of `rows` as a whole (generate_batch's `batch_*` keys)."""
         run = self._run
-        return cost.batch_stats(
-            run.batch_meter,
-            [run.traces[b] for b in rows],
-            self.bb.num_layers,
-            decode_s,
-            calibration,
-            plan or self.plan,
-        )
+        traces = [run.traces[b] for b in rows]
+        return batch_stats(run.batch_meter, traces, self.bb.num_layers, decode_s, calibration)
 
 
 @dataclass
@@ -355,7 +348,7 @@ class GenerationResult:
     modalities: list[str]
     exit_layers: list[int]
     steps: list[StepRecord]
-    stats: dict
+    stats: RunStats
     cache: RowView = field(repr=False)
     meter: CostMeter | None = field(default=None, repr=False)  # the passes this row ran (cost.py)
     draft_cache: RowView | None = field(default=None, repr=False)  # an adapter head's own cache
@@ -365,7 +358,7 @@ class GenerationResult:
             "tokens": self.tokens,
             "modalities": self.modalities,
             "exit_layers": self.exit_layers,
-            "stats": self.stats,
+            "stats": self.stats.as_json(),
         }
 
 

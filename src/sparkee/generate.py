@@ -82,9 +82,9 @@ class BatchGeneration:
         rows = list(range(len(self._prompts)))
         out = [eng.result(b, decode_s, prefill_s, self.calibration, plan) for b in rows]
         if len(out) > 1:
-            batch = eng.batch_stats(rows, decode_s, self.calibration, plan)
+            batch = eng.batch_stats(rows, decode_s, self.calibration)
             for r in out:
-                r.stats.update(batch)
+                r.stats.batch = batch
         return out
 
 

@@ -435,4 +435,6 @@ def config_json(cfg: GenerationConfig) -> dict:
         return v
 
     view = {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    return json.loads(json.dumps(view, default=lambda v: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else str(v)))
+    return json.loads(
+        json.dumps(view, default=lambda v: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else str(v))
+    )

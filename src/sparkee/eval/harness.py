@@ -36,6 +36,7 @@ from ..progress import Progress
 from ..schedule import Policy, parse_pair, parse_policy
 from ..scoring import accuracy, verdict, wer
 from ..sources import PromptItem
+from ..stats import best_prediction, depth_reduction_pct
 from .measures import Measures
 
 RESULTS = "results.jsonl"
@@ -614,6 +615,7 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
         flops_full = sum(r["stats"]["flops_full_estimate"] for r in rs)
         reads = sum(r["stats"]["weight_reads"] for r in rs)
         reads_full = sum(r["stats"]["weight_reads_full_estimate"] for r in rs)
+        memory_bound = reads_full / reads if reads else None
         line = {
             "policy": row.name,
             "text_policy": row.text.name,
@@ -627,14 +629,10 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
             "mos": mean([r["mos"] for r in rs if r.get("mos") is not None]),
             "avg_exit_layer_text": depth["text"],
             "avg_exit_layer_speech": depth["speech"],
-            "speech_depth_reduction_pct": None
-            if depth["speech"] is None
-            else 100 * (1 - depth["speech"] / num_layers),
+            "speech_depth_reduction_pct": depth_reduction_pct(depth["speech"], num_layers),
             "flops_reduction_pct": 100 * (1 - flops / flops_full) if flops_full else None,
-            "predicted_speedup": predicted
-            if predicted is not None
-            else (reads_full / reads if reads else None),
-            "predicted_speedup_memory_bound": reads_full / reads if reads else None,
+            "predicted_speedup": best_prediction(predicted, memory_bound),
+            "predicted_speedup_memory_bound": memory_bound,
             "speedup": measured,
             "measured_over_predicted": measured / predicted if measured and predicted else None,
             # measured/predicted outside SANE_BAND: the timings are not to be trusted (timing_warning)

@@ -103,7 +103,7 @@ class Metrics:
             stats.get("num_layers"),
         )
         if n and avg is not None and N:
-            self.depth_saved.observe(1 - avg / N)
+            self.depth_saved.observe(stats["speech_depth_reduction_pct"] / 100)
             self.layers_run.inc(n * avg)
             self.layers_full.inc(n * N)
 

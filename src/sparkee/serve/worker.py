@@ -284,7 +284,7 @@ class Worker:
             piece = job.chunker.flush()
             if piece:
                 self._vocode(job, piece)
-        stats = res.stats
+        stats = res.stats.as_json()  # a plain dict crosses to the HTTP side
         plan = job.plan
         finish = "stop" if res.tokens and res.tokens[-1] in plan.stop_ids else "length"
         per_token = stats["decode_s"] / max(len(res.tokens) - 1, 1)
