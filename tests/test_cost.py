@@ -291,3 +291,59 @@ def test_a_kernel_must_win_in_both_halves_of_its_timing():
     # rowwise runs r 1-row products of the best 1-row kernel: it wins where that is cheaper
     rowwise = {"plain": [(10.0, 10.0), (30.0, 30.0), (40.0, 40.0), (80.0, 80.0)]}
     assert kernels.choose_kernels(rowwise) == ("plain", "rowwise", "plain", "plain")
+
+
+def test_schedule_predictions_are_what_a_run_of_the_schedule_reports():
+    """`sparkee calibrate`'s table prices the passes the engine runs (no second simulator): each
+    prediction equals the calibrated speed-up a run of that schedule reports for itself."""
+    from sparkee.engine import Engine
+
+    bb = wrap_model(tiny_model("qwen2", layers=4))
+    cal = cost.Calibration(
+        key={}, rows=[1, 2, 64], layer_a=[1e-4, 1.5e-4, 2e-3], layer_c=[1e-7, 1e-7, 1e-6], mat_sizes=[1, 10**9],
+        mat_rows=[1, 8], mat_s=[[1e-6, 2e-6], [1e-1, 2e-1]], overhead={"full": 1e-4, "early": 1e-4, "check": 1e-5},
+    )  # fmt: skip
+    pred = calibrate.predict_schedules(bb, cal, new_tokens=20, context=30)
+    assert set(pred) == {
+        f"{p}:{L}" for L in (2, 3) for p in ("spar-k:even", "spar-k:triple", "spar-k:FEEE", "fixed")
+    }
+    prompt = torch.randint(0, bb.vocab_size, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    for spec, x in pred.items():
+        cfg = GenerationConfig(
+            max_new_tokens=20, speech_policy=spec, interleave=Interleave(0, 1), calibrate=True
+        )
+        eng = Engine(bb, None, cfg, calibration=cal)
+        row = eng.add(prompt)
+        while eng.active():
+            eng.step()
+        assert eng.result(row).stats.predicted_speedup_calibrated == pytest.approx(x, rel=1e-12), spec
+    assert pred["fixed:2"] > pred["spar-k:FEEE:2"] > pred["spar-k:even:2"] > 1  # fewer deep passes, faster
+
+
+def test_the_meters_are_a_replay_of_the_engines_pass_records():
+    """Every cost the engine counts goes through one record per pass: replaying the records of a
+    batched verified run into fresh meters gives the same row and batch meters."""
+    from sparkee.engine import Engine
+
+    bb = wrap_model(tiny_model("qwen2", layers=4))
+    cfg = GenerationConfig(
+        max_new_tokens=12, speech_policy="spar-k:FEE:2", interleave=Interleave(1, 2), verify=True
+    )
+    eng = Engine(bb, None, cfg, max_batch_size=3, calibration=None)
+    rows = [eng.add(p) for p in ([3, 5, 7], [2, 4], [9, 8, 7, 6])]
+    eng.reset_batch_meter()  # the row meters count decode only (add resets them): so does this
+    eng._run.costs.log = log = []
+    while eng.active():
+        eng.step()
+    assert {p.kind for p in log} == {"layers", "proj", "head", "step"}
+    again = cost.Meters(bb, 3)
+    for p in log:
+        again.record(p)
+    for mine, theirs in [(again.batch, eng._run.batch_meter)] + [
+        (again.rows[b], eng._run.meters[b]) for b in rows
+    ]:
+        assert (mine.macs, mine.reads, mine.passes) == (theirs.macs, theirs.reads, theirs.passes)
+        assert (mine.layer_rows, mine.layer_ctx, mine.mats, mine.steps) == (
+            theirs.layer_rows, theirs.layer_ctx, theirs.mats, theirs.steps,
+        )  # fmt: skip
+    assert sum(eng.result(b).stats.verify_rejections for b in rows) > 0  # rollbacks were replayed too

@@ -1,5 +1,10 @@
 """The cost model: what each pass of a run costs, counted, and a measured table that prices it.
 
+The engine tells the cost model about every pass it runs with one record (`Pass`: rows, layers,
+positions, kind), and nothing else; `Meters` folds the records into each row's meter and the
+batch's as they come (a log of them can be kept), and schedule predictions (calibrate.py) price the
+records of real runs, so there is one simulator of decoding: the decode loop itself.
+
 `CostMeter` counts, for every pass the engine actually ran (rejected work in verified mode
 included):
 - multiply-adds (FLOPs / 2): layer weights x rows, attention over the context, output projection
@@ -99,6 +104,65 @@ def new_meter(bb) -> CostMeter:
         hidden=bb.hidden_size,
         vocab=bb.vocab_size,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine's pass records, and the meters that fold them
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass the engine ran, as the cost model sees it: the engine's only word to the meters.
+
+    kind: "layers" (decoder layers first..last-1), "head" or "proj" (a matrix product of `elements`
+    weights: an exit head, the output projection) or "step" (the fixed work of step kind `step`:
+    early, full, fallback, check).
+    rows: (row, entries, end) per batch row: the positions it ran and the positions it attends to
+    (layers), its products (matrix), its steps or checked tokens (step).
+    padded: what the batch computed, padding included (R * r positions of a layer pass, products,
+    steps); batch: whether the batch as a whole pays it (a batch step's fixed work is paid once
+    and a row's own step kind only by the row).
+    """
+
+    kind: str
+    rows: tuple[tuple[int, int, int], ...]
+    padded: int
+    first: int = 0
+    last: int = 0
+    elements: int = 0
+    step: str = ""
+    batch: bool = True
+
+
+class Meters:
+    """Each row's meter (the passes it ran, as if alone) and the batch's (the passes the batch
+    actually ran), both folded from the engine's pass records as they come; `log`, when set to a
+    list, keeps every record too."""
+
+    def __init__(self, bb, capacity: int) -> None:
+        self.rows = [new_meter(bb) for _ in range(capacity)]
+        self.batch = new_meter(bb)
+        self.log: list[Pass] | None = None
+
+    def record(self, p: Pass) -> None:
+        if self.log is not None:
+            self.log.append(p)
+        if p.kind == "layers":
+            for row, n, end in p.rows:
+                self.rows[row].layers(p.first, p.last, n, end)
+            if p.batch:
+                end = max(e for _, _, e in p.rows)
+                self.batch.layers(p.first, p.last, p.padded, end, seqs=len(p.rows))
+        elif p.kind == "step":
+            for row, n, _ in p.rows:
+                self.rows[row].step(p.step, n)
+            if p.batch:
+                self.batch.step(p.step, p.padded)
+        else:
+            for row, n, _ in p.rows:
+                self.rows[row].matrix(p.elements, n, p.kind)
+            if p.batch:
+                self.batch.matrix(p.elements, p.padded, p.kind)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -418,12 +419,12 @@ def _step(run: _Run, rows: list[int]) -> None:
         carry = carry.select(sorted(keep))
         if not carry.rows:
             run.draft_need = set()
-            run.batch_meter.step("early")
+            run.record_step("early", {}, batch=1)
             return
     run.draft_need = set()
     # a step's fixed work (embedding, masks, dispatch) is paid once for the whole batch, at the
     # cost of its deepest kind; per-row work is in the passes and the checks
-    run.batch_meter.step("full")
+    run.record_step("full", {}, batch=1)
     carry = run.run_layers(carry, range(at, N))
     _finish_full(run, carry, live)
 
@@ -441,7 +442,7 @@ def _emit_early(run: _Run, b: int, logits: torch.Tensor, rp: _RowPlan, filled: i
     rec = StepRecord(tr.pos, token, rp.modality, rp.depth, "early", filled=filled)
     rec.misplanned = misplanned(rp.modality, plan.kind_of(token))
     tr.append(rec, rp.state)
-    run.meters[b].step("early")
+    run.record_step("early", {b: 1})
 
 
 def _finish_full(run: _Run, carry: _Carry, live: dict[int, _RowPlan] | None) -> None:
@@ -465,10 +466,9 @@ def _finish_full(run: _Run, carry: _Carry, live: dict[int, _RowPlan] | None) -> 
         # the fixed work of the step, for the calibrated cost model: the step itself, and the
         # check of each pending early token
         if live is not None:
-            run.meters[b].step(live[b].action)
+            run.record_step(live[b].action, {b: 1})
         if n_pending:
-            for m in (run.meters[b], run.batch_meter):
-                m.step("check", n_pending)
+            run.record_step("check", {b: n_pending}, batch=n_pending)
         before = len(tr.records) + (live is not None)  # steps this row has run, its own included
         if _check_pending(run, b, full, restricted, first, s, n_pending):
             if live is not None:
@@ -560,7 +560,7 @@ def _pooled_prefill(run: _Run, b: int, h: torch.Tensor, spec: PoolSpec) -> _Carr
             cache.shift[i][b] = P - T
         cache.begin_pass([b], [T], [0])
         h = bb.run_block(first, last, h, None, pids, pe, cache)  # slots start at 0: is_causal masks it
-        run.meters[b].layers(first, last, T, T)
+        run.record(cost.Pass("layers", ((b, T, T),), T, first, last))
     return _Carry([b], h[:, -1:], [P - 1], [1])  # only the last state is projected
 
 
@@ -653,15 +653,11 @@ class _Carry:
 
     def last(self) -> torch.Tensor:
         """Each row's newest state: [R, 1, H]."""
-        if len(self.rows) == 1:
-            return self.h[:, self.count[0] - 1 :][:, :1]
         idx = torch.tensor([c - 1 for c in self.count], device=self.h.device)
         return self.h[torch.arange(len(self.rows), device=self.h.device), idx][:, None]
 
     def flat(self) -> torch.Tensor:
         """Every real state, row by row: [sum(count), H]."""
-        if len(self.rows) == 1:
-            return self.h[0, : self.count[0]]
         return torch.cat([self.h[j, :c] for j, c in enumerate(self.count)])
 
 
@@ -689,8 +685,10 @@ class _Run:
         self.pend_h = torch.zeros(capacity, max_len, bb.hidden_size, dtype=bb.dtype, device=bb.device)
         self.plans: list[Plan | None] = [None] * capacity
         self.traces: list[Trace | None] = [None] * capacity
-        self.meters = [cost.new_meter(bb) for _ in range(capacity)]  # each row's passes, as if alone
-        self.batch_meter = cost.new_meter(bb)  # the passes the batch actually ran
+        # every pass goes to the meters as one record (record()): each row's passes as if alone,
+        # and the passes the batch actually ran
+        self.costs = cost.Meters(bb, capacity)
+        self.meters, self.batch_meter = self.costs.rows, self.costs.batch
         self._masks: dict = {}
         # an adapter head's own cache (cache layer k = heads.layers[k]; never static: the adapter
         # runs eagerly) and its output at each row's last position of the latest pass
@@ -738,15 +736,9 @@ class _Run:
             # grow with depth, so the block ends where some row's length drops.
             # It also ends at a layer whose adapter head some row uses: it takes the states there.
             j = i + 1
-            if len(carry.rows) == 1:
-                b = carry.rows[0]
-                n, sh = lens[i][b], shift[i][b]
-                while j < end and j not in stops and lens[j][b] == n and shift[j][b] == sh:
-                    j += 1
-            else:
-                key = [(lens[i][b], shift[i][b]) for b in carry.rows]
-                while j < end and j not in stops and [(lens[j][b], shift[j][b]) for b in carry.rows] == key:
-                    j += 1
+            key = [(lens[i][b], shift[i][b]) for b in carry.rows]
+            while j < end and j not in stops and [(lens[j][b], shift[j][b]) for b in carry.rows] == key:
+                j += 1
             if carry.h.shape[1] > 0:
                 carry = self._block(carry, i, j, prefill)
                 if j in stops:
@@ -778,24 +770,27 @@ class _Run:
         lens = [self.draft.lens[k][b] for b, _ in rows]
         counts = [end - n for (_, end), n in zip(rows, lens, strict=True)]
         r = max(counts)
-        if len(rows) == 1:
-            b, end = rows[0]
-            h = kept[b : b + 1, lens[0] : end]  # [1, r, H]
-        else:  # left-aligned, padding after each row's positions (never written, never attended)
-            h = kept.new_zeros(len(rows), r, kept.shape[-1])
-            for n, ((b, end), start) in enumerate(zip(rows, lens, strict=True)):
-                h[n, : end - start] = kept[b, start:end]
+        # left-aligned, padding after each row's positions (never written, never attended)
+        h = kept.new_zeros(len(rows), r, kept.shape[-1])
+        for n, ((b, end), start) in enumerate(zip(rows, lens, strict=True)):
+            h[n, : end - start] = kept[b, start:end]
         pids = torch.tensor(lens, device=bb.device)[:, None] + torch.arange(r, device=bb.device)
         pe = bb.rope(h, pids)
         mask = hf.attention_mask(lens, counts, r, bb.device, self._masks)
         self.draft.begin_pass([b for b, _ in rows], counts, lens)
         out = self.plan.heads.adapter_layer(layer, h, mask, pids, pe, self.draft)
-        for n, ((b, end), c) in enumerate(zip(rows, counts, strict=True)):
+        for n, ((b, _), c) in enumerate(zip(rows, counts, strict=True)):
             self.draft_out[(b, layer)] = out[n, c - 1]
-            self.meters[b].layers(layer, layer + 1, c, end)  # a decoder layer like the model's
-        if self.capacity > 1:
-            kv_end = max(end for _, end in rows)
-            self.batch_meter.layers(layer, layer + 1, len(rows) * r, kv_end, seqs=len(rows))
+        # a decoder layer like the model's
+        self.record(
+            cost.Pass(
+                "layers",
+                tuple((b, c, end) for (b, end), c in zip(rows, counts, strict=True)),
+                len(rows) * r,
+                layer,
+                layer + 1,
+            )
+        )
 
     def head_logits(self, depth: int, carry: _Carry, here: list[int]) -> torch.Tensor:
         """Exit-head logits [len(here), out] for carry rows `here`, whose states are after `depth` layers."""
@@ -807,7 +802,7 @@ class _Run:
             last = carry.last()  # [R, 1, H]
             hl = last if len(here) == len(carry.rows) else last[here]
             logits = heads(depth, hl)
-        self._meter_matrix(heads.cost(depth), [carry.rows[j] for j in here], len(here), "head")
+        self._record_matrix(heads.cost(depth), [carry.rows[j] for j in here], "head")
         return logits.float().reshape(len(here), -1)
 
     def _joins(self, carry: _Carry, i: int) -> bool:
@@ -820,15 +815,11 @@ class _Run:
             min(self.cache.next_position(i, b), s) for b, s in zip(carry.rows, carry.start, strict=True)
         ]
         counts = [c + s - n for c, s, n in zip(carry.count, carry.start, starts, strict=True)]
-        if len(carry.rows) == 1:
-            b, s = carry.rows[0], starts[0]
-            h = torch.cat([self.pend_h[b : b + 1, s : carry.start[0]], carry.h[:, : carry.count[0]]], dim=1)
-        else:
-            h = carry.h.new_zeros(len(carry.rows), max(counts), carry.h.shape[-1])
-            for j, b in enumerate(carry.rows):
-                n = carry.start[j] - starts[j]
-                h[j, :n] = self.pend_h[b, starts[j] : carry.start[j]]
-                h[j, n : counts[j]] = carry.h[j, : carry.count[j]]
+        h = carry.h.new_zeros(len(carry.rows), max(counts), carry.h.shape[-1])
+        for j, b in enumerate(carry.rows):
+            n = carry.start[j] - starts[j]
+            h[j, :n] = self.pend_h[b, starts[j] : carry.start[j]]
+            h[j, n : counts[j]] = carry.h[j, : carry.count[j]]
         return _Carry(carry.rows, h, starts, counts)
 
     def _block(self, carry: _Carry, a: int, b: int, prefill: bool = False) -> _Carry:
@@ -836,10 +827,7 @@ class _Run:
         bb, cache = self.plan.bb, self.cache
         R, r = carry.h.shape[:2]
         lens = [cache.lens[a][row] for row in carry.rows]
-        if R == 1:
-            pids = torch.arange(carry.start[0], carry.start[0] + r, device=bb.device)[None]
-        else:
-            pids = torch.tensor(carry.start, device=bb.device)[:, None] + torch.arange(r, device=bb.device)
+        pids = torch.tensor(carry.start, device=bb.device)[:, None] + torch.arange(r, device=bb.device)
         pe = bb.rope(carry.h, pids)
         if self.static and not prefill:  # a compiled step kind: fixed shapes, lengths kept here
             mask, slots = self._static_mask(lens, carry.count, r)
@@ -852,11 +840,8 @@ class _Run:
             mask = self._mask(lens, carry.count, r)
             cache.begin_pass(carry.rows, carry.count, lens)
             h = bb.run_block(a, b, carry.h, mask, pids, pe, cache)
-        kv_end = max(n + c for n, c in zip(lens, carry.count, strict=True))
-        for row, n, c in zip(carry.rows, lens, carry.count, strict=True):
-            self.meters[row].layers(a, b, c, n + c)
-        if self.capacity > 1:  # one sequence: its own meter says it all
-            self.batch_meter.layers(a, b, R * r, kv_end, seqs=R)
+        per_row = tuple((row, c, n + c) for row, n, c in zip(carry.rows, lens, carry.count, strict=True))
+        self.record(cost.Pass("layers", per_row, R * r, a, b))
         return _Carry(carry.rows, h, carry.start, carry.count)
 
     def _mask(self, lens: list[int], counts: list[int], r: int) -> torch.Tensor | None:
@@ -878,24 +863,30 @@ class _Run:
         plan = self.plan
         bb, restrict = plan.bb, plan.cfg.speech_vocab_only and plan.speech_set is not None
         need_full = not restrict or audit or not all(speech_rows)
-        n = hn.shape[0]
         if need_full:
             full = bb.project(hn).float()
-            self._meter_matrix(bb.hidden_size * bb.vocab_size, rows, n, "proj")
+            self._record_matrix(bb.hidden_size * bb.vocab_size, rows, "proj")
             return full, (full[:, plan.speech_set] if restrict else None)
-        self._meter_matrix(bb.hidden_size * plan.speech_set.numel(), rows, n, "proj")
+        self._record_matrix(bb.hidden_size * plan.speech_set.numel(), rows, "proj")
         return None, bb.project(hn, plan.speech_set).float()
 
-    def _meter_matrix(self, elements: int, rows: list[int], n: int, kind: str) -> None:
-        if self.capacity == 1:  # one sequence: its own meter says it all
-            self.meters[0].matrix(elements, n, kind)
-            return
-        per = {}
-        for r in rows:
-            per[r] = per.get(r, 0) + 1
-        for r, k in per.items():
-            self.meters[r].matrix(elements, k, kind)
-        self.batch_meter.matrix(elements, n, kind)
+    # -- costs ------------------------------------------------------------------------------------
+
+    def record(self, p: cost.Pass) -> None:
+        """Tell the meters about a pass (the only way costs are counted)."""
+        self.costs.record(p)
+
+    def _record_matrix(self, elements: int, rows: list[int], kind: str) -> None:
+        """A matrix product over one entry per element of `rows` (batch rows, repeated per entry)."""
+        per = Counter(rows)
+        self.record(cost.Pass(kind, tuple((r, k, 0) for r, k in per.items()), len(rows), elements=elements))
+
+    def record_step(self, kind: str, rows: dict[int, int], batch: int = 0) -> None:
+        """Fixed work: `rows[b]` steps (or checked tokens) of `kind` for row b, and `batch` of them
+        for the batch as a whole (a batch step's fixed work is paid once, whatever its rows)."""
+        self.record(
+            cost.Pass("step", tuple((b, n, 0) for b, n in rows.items()), batch, step=kind, batch=batch > 0)
+        )
 
 
 def _choice(plan: Plan, full, restricted, j: int, speech: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
