@@ -90,6 +90,24 @@ VocabAuditOpt = Annotated[
 CheckpointOpt = Annotated[
     Path, typer.Option("--model", help="Hugging Face checkpoint directory (Qwen2, Llama or Glm layout).")
 ]
+HeadsOpt = Annotated[
+    str,
+    typer.Option(
+        "--heads",
+        help="Exit heads: a heads file (.safetensors), 'logit-lens', or 'bundled' (the heads the model ships with: the reference SLM's).",
+    ),
+]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Prompts: a JSONL file (eval: with 'accepted' answers), a datasets directory, or refslm:train / refslm:test.",
+    ),
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use the first N prompts only.")]
+MaxNewTokensOpt = Annotated[
+    int, typer.Option("--max-new-tokens", help="Tokens to generate per prompt at most.")
+]
 # the sampling and verification options of generate and serve (a server's requests may override them)
 SpeechPolicyOpt = Annotated[
     str | None,
@@ -284,6 +302,16 @@ def parsed_specs(speech_policy: str | None, text_policy: str | None, accept: str
     }
 
 
+def calibrate_before_timing(bb, heads, cfg) -> None:
+    """This machine's calibration, read or measured now, before anything is timed (when the config
+    wants calibrated predictions): a measurement in the middle of an eval would skew its timings."""
+    from .calibrate import load_or_calibrate
+    from .config import calibration_wanted
+
+    if calibration_wanted(cfg):
+        load_or_calibrate(bb, heads)
+
+
 def check_at_least(value: int | None, least: int, option: str) -> None:
     if value is not None and value < least:
         raise SparkeeError(f"{option} must be at least {least}, got {value}")
@@ -314,9 +342,7 @@ def load_data(
 @decoding_options
 def generate(
     model: CheckpointOpt,
-    heads: str = typer.Option(
-        "logit-lens", "--heads", help="Exit heads file (.safetensors) or 'logit-lens'."
-    ),
+    heads: HeadsOpt = "logit-lens",
     speech_policy: SpeechPolicyOpt = None,
     text_policy: TextPolicyOpt = None,
     prompt: str = typer.Option(
@@ -327,7 +353,7 @@ def generate(
     prompt_ids: str = typer.Option(
         None, "--prompt-ids", help="Prompt token ids, separated by commas or spaces."
     ),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    max_new_tokens: MaxNewTokensOpt = 64,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
@@ -368,7 +394,6 @@ def generate(
 ) -> None:
     """Generate with scheduled early exit and print the tokens, the per-step trace and stats."""
     from .backbone import load_model
-    from .heads import resolve_heads
     from .profiles import resolve_config
 
     if trace and not as_json:
@@ -408,7 +433,7 @@ def generate(
             "calibrate": False if no_calibrate else None,
         },
     )
-    exit_heads = resolve_heads(heads, bb)
+    exit_heads = heads_of(heads, profile, bb)
     fmt = cfg.interleave.format if cfg.interleave else None
     if prompts_file is not None:
         _generate_many(bb, exit_heads, profile, cfg, str(prompts_file), fmt, batch_size, as_json, trace)
@@ -443,6 +468,7 @@ def _generate_many(
     bb, heads, profile, cfg, source: str, fmt, batch_size: int, as_json: bool, trace: bool
 ) -> None:
     """--prompts-file: every prompt, `batch_size` at a time; a JSON line (or a block of text) each."""
+    from .config import group_by_config
     from .generate import generate_batch
     from .profiles import item_config
     from .trace import steps_as_dicts
@@ -450,12 +476,9 @@ def _generate_many(
     items = profile.prompts(source, fmt)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        groups: dict[str, list[int]] = {}  # prompts that fix another format decode apart
-        for n, item in enumerate(chunk):
-            groups.setdefault(repr(item_config(cfg, item).interleave), []).append(n)
         results = [None] * len(chunk)
-        for members in groups.values():
-            c = item_config(cfg, chunk[members[0]])
+        # prompts that fix another format decode apart
+        for c, members in group_by_config(chunk, lambda item: item_config(cfg, item)):
             for n, res in zip(
                 members, generate_batch(bb, [chunk[n].ids for n in members], c, heads), strict=True
             ):
@@ -490,7 +513,7 @@ def _generate_many(
 @app.command()
 @friendly
 def calibrate(
-    model: Path = typer.Option(..., "--model", help="Checkpoint directory to measure."),
+    model: CheckpointOpt,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     force: bool = typer.Option(False, "--force", help="Measure again even when a calibration is cached."),
@@ -559,8 +582,8 @@ def print_calibration(bb, cal) -> None:
 @friendly
 @decoding_options
 def train_heads(
-    model: Path = typer.Option(..., "--model", help="Checkpoint directory of the frozen backbone."),
-    data: str = typer.Option(..., "--data", help="JSONL of prompts, a datasets directory, or refslm:train."),
+    model: CheckpointOpt,
+    data: DataOpt,
     layers: str = typer.Option("all", "--layers", help="'all', a list like 12,14,16, or a range like 4:12."),
     head: str = typer.Option(
         "tuned-lens",
@@ -586,10 +609,8 @@ def train_heads(
     val_fraction: float = typer.Option(
         0.1, "--val-fraction", help="Share of prompts held out for validation (between 0 and 1)."
     ),
-    limit: int = typer.Option(None, "--limit", help="Use the first N prompts only."),
-    max_new_tokens: int = typer.Option(
-        200, "--max-new-tokens", help="Length of each pseudo-label generation."
-    ),
+    limit: LimitOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 200,
     work_dir: Path = typer.Option(None, "--work-dir", help="Resume files (default: OUT with .work)."),
     stop_after: int = typer.Option(
         None, "--stop-after", help="Train at most N steps now, checkpoint, exit; rerun to go on."
@@ -674,12 +695,12 @@ def print_head_metrics(metrics: dict) -> None:
 @friendly
 @decoding_options
 def layer_report(
-    model: Path = typer.Option(..., "--model"),
-    heads: str = typer.Option("logit-lens", "--heads", help="Heads file or 'logit-lens'."),
-    data: str = typer.Option(..., "--data", help="JSONL of prompts, a datasets directory, or refslm:test."),
+    model: CheckpointOpt,
+    heads: HeadsOpt = "logit-lens",
+    data: DataOpt = ...,
     out: Path = typer.Option(Path("layer-report"), "--out", help="Output directory (JSON, Markdown, PNG)."),
-    limit: int = typer.Option(None, "--limit", help="Use the first N prompts only."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
+    limit: LimitOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 200,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     *,
@@ -688,7 +709,6 @@ def layer_report(
     """Per-layer agreement with the last layer and KL, text and speech steps apart (the paper's Table 1)."""
     from .analysis import run_report
     from .backbone import load_model
-    from .heads import resolve_heads
     from .profiles import item_config, resolve_config
     from .sources import check_limit
 
@@ -696,8 +716,8 @@ def layer_report(
     check_out_dir(out)
     overrides = decoding.overrides()
     bb = load_model(model, dtype=dtype, device=device)
-    exit_heads = resolve_heads(heads, bb)
     profile = decoding.profile(model, bb)
+    exit_heads = heads_of(heads, profile, bb)
     cfg = resolve_config(profile, overrides | {"max_new_tokens": max_new_tokens})
     prompts, _ = load_data(profile, data, decoding.fmt, limit)
     measures = profile.report_measures(cfg)
@@ -709,7 +729,7 @@ def layer_report(
 @app.command("export-draft")
 @friendly
 def export_draft_cmd(
-    model: Path = typer.Option(..., "--model", help="Checkpoint directory of the model."),
+    model: CheckpointOpt,
     heads: str = typer.Option(..., "--heads", help="Heads file (full head) or 'logit-lens'."),
     layer: int = typer.Option(..., "--layer", help="Exit layer L: the draft runs layers 1..L and its head."),
     out: Path = typer.Option(..., "--out", help="New directory for the draft checkpoint."),
@@ -749,11 +769,9 @@ def _measure_notes(model: Path, batch_size: int = 1) -> str:
 @friendly
 @decoding_options
 def eval_cmd(
-    model: Path = typer.Option(..., "--model"),
-    heads: str = typer.Option("logit-lens", "--heads", help="Heads file or 'logit-lens'."),
-    data: str = typer.Option(
-        ..., "--data", help="JSONL of prompts (with 'accepted' answers), a datasets dir, or refslm:test."
-    ),
+    model: CheckpointOpt,
+    heads: HeadsOpt = "logit-lens",
+    data: DataOpt = ...,
     policies: str = typer.Option(
         None,
         "--policies",
@@ -795,7 +813,7 @@ def eval_cmd(
         help=f"Repeat every row with this Affinity Pooling setting, {POOL_SYNTAX} (give several for a sweep).",
     ),
     out: Path = typer.Option(Path("sparkee-eval"), "--out", help="Output directory (resumed when rerun)."),
-    limit: int = typer.Option(None, "--limit", help="First N examples only."),
+    limit: LimitOpt = None,
     vocoder: str = typer.Option(
         "auto", "--vocoder", help="refslm-espeak | module:attr | none (auto: espeak for the reference SLM)."
     ),
@@ -813,7 +831,7 @@ def eval_cmd(
     fresh: bool = typer.Option(
         False, "--fresh", help="Replace results already in --out instead of resuming."
     ),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
+    max_new_tokens: MaxNewTokensOpt = 200,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     *,
@@ -823,7 +841,6 @@ def eval_cmd(
     from .backbone import load_model
     from .eval import plugins
     from .eval.harness import EvalRun, parse_rows
-    from .heads import resolve_heads
     from .profiles import config_json, item_config, resolve_config
     from .sources import check_limit
 
@@ -847,7 +864,7 @@ def eval_cmd(
     else:
         policies = policies or ",".join(profile.default_policies(bb.num_layers))
         rows = parse_rows(policies, text_policy, sweep, bb.num_layers, pools or None)
-    exit_heads = resolve_heads(heads, bb)
+    exit_heads = heads_of(heads, profile, bb)
     row_heads, row_identity = load_row_heads(rows, profile, bb)
     cfg = resolve_config(
         profile,
@@ -859,18 +876,13 @@ def eval_cmd(
             "calibrate": False if no_calibrate else None,
         },
     )
-    from .config import calibration_wanted
-
-    if calibration_wanted(cfg):  # measured once, before anything is timed
-        from .calibrate import load_or_calibrate
-
-        load_or_calibrate(bb, exit_heads)
+    calibrate_before_timing(bb, exit_heads, cfg)
     prompts, digest = load_data(profile, data, decoding.fmt, limit)
     the_judge = plugins.HttpJudge(judge_url, judge_model) if judge_url else plugins.resolve("judge", judge)
     measures = profile.measures(cfg, vocoder, transcriber, asr, mos, the_judge)
     manifest = {
         "model": bb.fingerprint(),
-        "heads": heads_identity(heads),
+        "heads": heads_identity(heads_path(heads, profile)),
         **({"row_heads": row_identity} if row_identity else {}),
         "data": {"source": data, "digest": digest},
         "decoding": config_json(cfg),
@@ -904,18 +916,28 @@ def eval_cmd(
 def load_row_heads(rows, profile: ModelProfile, bb) -> tuple[dict, dict[str, str]]:
     """The heads rows name with @HEADS ('bundled': the model profile's), loaded once each, and
     what the manifest records for them."""
-    from .heads import resolve_heads
 
     loaded, identity = {}, {}
     for spec in sorted({r.heads for r in rows if r.heads is not None}):
-        path = spec
-        if spec == "bundled":
-            if not getattr(profile, "heads", None):
-                raise SparkeeError("a row names @bundled heads, but this model comes with none")
-            path = str(profile.heads)
-        loaded[spec] = resolve_heads(path, bb)
-        identity[spec] = heads_identity(path)
+        loaded[spec] = heads_of(spec, profile, bb)
+        identity[spec] = heads_identity(heads_path(spec, profile))
     return loaded, identity
+
+
+def heads_path(spec: str, profile: ModelProfile) -> str:
+    """A --heads value with 'bundled' replaced by the file of heads the model ships with."""
+    if spec != "bundled":
+        return spec
+    if not getattr(profile, "heads", None):
+        raise SparkeeError("--heads bundled: this model comes with no heads; give a heads file or logit-lens")
+    return str(profile.heads)
+
+
+def heads_of(spec: str, profile: ModelProfile, bb):
+    """The exit heads a --heads value (or a row's @HEADS) names."""
+    from .heads import resolve_heads
+
+    return resolve_heads(heads_path(spec, profile), bb)
 
 
 def heads_identity(spec: str) -> str:
@@ -965,7 +987,7 @@ def demo(
         None, "--exit-layer", help="Exit layer L of every early-exit policy (default: 3/4 of the depth)."
     ),
     threshold: float = typer.Option(0.5, "--threshold", help="Entropy threshold (nats) of confidence exit."),
-    heads: str = typer.Option("bundled", "--heads", help="bundled | logit-lens | a heads file."),
+    heads: HeadsOpt = "bundled",
     fmt: str = typer.Option("padded", "--format", help="padded | early-stop"),
     audio_examples: int = typer.Option(
         3, "--audio-examples", help="WAV files for the first N answers per policy."
@@ -983,7 +1005,6 @@ def demo(
     """Answer the bundled reference SLM's test questions under each policy; print the paper's Table 2."""
     from .backbone import load_model
     from .eval.harness import EvalRun, Row
-    from .heads import resolve_heads
     from .profiles import ReferenceProfile, item_config, load_profile, resolve_config
     from .refslm import bundled_model_dir
     from .refslm.data import FORMATS as REFSLM_FORMATS
@@ -1005,9 +1026,7 @@ def demo(
     profile = load_profile(model, bb=bb)
     if not isinstance(profile, ReferenceProfile):
         raise SparkeeError(f"'{model}' is not a reference-SLM directory (it has no sparkee_refslm.json)")
-    if heads == "bundled":
-        heads = str(profile.heads) if profile.heads else "logit-lens"
-    exit_heads = resolve_heads(heads, bb)
+    exit_heads = heads_of(heads, profile, bb)
     specs = profile.default_policies(bb.num_layers, exit_layer, threshold)
     for spec in specs:
         parse_policy(spec, bb.num_layers)
@@ -1024,12 +1043,7 @@ def demo(
     typer.echo(
         f"reference SLM: {bb.num_layers} layers, heads: {exit_heads.kind}, {len(prompts)} test questions, format {fmt}"
     )
-    from .config import calibration_wanted
-
-    if calibration_wanted(cfg):  # measured once, before anything is timed
-        from .calibrate import load_or_calibrate
-
-        load_or_calibrate(bb, exit_heads)
+    calibrate_before_timing(bb, exit_heads, cfg)
     run = EvalRun(
         bb,
         exit_heads,
@@ -1044,7 +1058,7 @@ def demo(
     )
     manifest = {
         "model": bb.fingerprint(),
-        "heads": heads_identity(heads),
+        "heads": heads_identity(heads_path(heads, profile)),
         "data": digest,
         "row_heads": row_identity,
     }
@@ -1058,9 +1072,7 @@ def demo(
 @decoding_options
 def serve(
     model: CheckpointOpt,
-    heads: str = typer.Option(
-        "logit-lens", "--heads", help="Exit heads file (.safetensors), 'logit-lens' or 'bundled'."
-    ),
+    heads: HeadsOpt = "logit-lens",
     speech_policy: SpeechPolicyOpt = None,
     text_policy: TextPolicyOpt = None,
     max_new_tokens: int = typer.Option(
@@ -1114,7 +1126,6 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API (chat completions with streamed text and
     audio, completions, metrics, a browser page) with continuous batching."""
     from .backbone import load_model
-    from .heads import resolve_heads
     from .profiles import resolve_config
 
     specs = parsed_specs(speech_policy, text_policy, accept)  # bad ones fail before the model loads
@@ -1158,9 +1169,7 @@ def serve(
             "audit_vocab": None if vocab_audit else False,
         },
     )
-    if heads == "bundled":
-        heads = str(profile.heads) if getattr(profile, "heads", None) else "logit-lens"
-    exit_heads = resolve_heads(heads, bb)
+    exit_heads = heads_of(heads, profile, bb)
     server = serving.build_server(
         bb,
         exit_heads,

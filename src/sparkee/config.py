@@ -50,3 +50,15 @@ def calibration_wanted(cfg: GenerationConfig) -> bool:
     if cfg.calibrate is not None:
         return cfg.calibrate
     return os.environ.get("SPARKEE_NO_CALIBRATE", "") not in ("1", "true", "yes")
+
+
+def group_by_config(
+    items: Sequence, config_of: Callable[[object], GenerationConfig]
+) -> list[tuple[GenerationConfig, list[int]]]:
+    """Indices of `items` grouped by the config each decodes with (a prompt may fix its own
+    interleave format), in first-seen order: each group can decode as one batch."""
+    groups: dict[str, tuple[GenerationConfig, list[int]]] = {}
+    for n, item in enumerate(items):
+        cfg = config_of(item)
+        groups.setdefault(repr(cfg), (cfg, []))[1].append(n)
+    return list(groups.values())

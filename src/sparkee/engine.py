@@ -277,7 +277,7 @@ class Engine:
         run = self._run
         tr, plan = run.traces[b], run.plans[b]
         # in verified mode, stream only what a full pass has confirmed
-        if not plan.cfg.verify or run.cache.next_position(self.bb.num_layers - 1, b) >= tr.pos:
+        if not plan.rolls_back or run.cache.next_position(self.bb.num_layers - 1, b) >= tr.pos:
             return self._confirmed(b, len(tr.records))
         return []
 
@@ -434,7 +434,7 @@ def _emit_early(run: _Run, b: int, logits: torch.Tensor, rp: _RowPlan, filled: i
     cfg, ids = plan.cfg, plan.heads.token_ids
     logits = _penalize(logits, tr.seq, cfg.repetition_penalty, ids)
     idx, probs = _draw(logits, cfg, tr.gen)
-    if probs is not None and cfg.verify:  # the proposal distribution, over the whole vocabulary
+    if probs is not None and plan.samples_verified:  # the proposal distribution, over the whole vocabulary
         q = torch.zeros(plan.bb.vocab_size)
         q[ids.cpu() if ids is not None else slice(None)] = probs.cpu()
         tr.early_probs[tr.pos] = q
@@ -477,14 +477,14 @@ def _finish_full(run: _Run, carry: _Carry, live: dict[int, _RowPlan] | None) -> 
             # batch's clock (steps since the last full pass), so it goes on sharing passes
             tr.phase += before - len(tr.records)
         elif live is not None:
-            rp = live[b]
-            _emit_full(
-                run, b, full, restricted, first + n_pending, rp.state, rp.modality, rp.action, n_pending
-            )
+            _emit_full(run, live[b], full, restricted, first + n_pending, filled=n_pending)
         first += c
 
 
-def _emit_full(run: _Run, b: int, full, restricted, j: int, state, modality: str, action: str, filled: int):
+def _emit_full(run: _Run, rp: _RowPlan, full, restricted, j: int, filled: int) -> None:
+    """Row rp.row's token from the last layer's logits at entry j (full [n, V] and/or restricted
+    [n, |set|], see _Run.project); `filled`: pending positions this step's pass computed."""
+    b, modality = rp.row, rp.modality
     plan, tr = run.plans[b], run.traces[b]
     logits, ids = _choice(plan, full, restricted, j, modality == "speech")
     logits = _penalize(logits, tr.seq, plan.cfg.repetition_penalty, ids)
@@ -494,10 +494,10 @@ def _emit_full(run: _Run, b: int, full, restricted, j: int, state, modality: str
     if ids is not None and full is not None:  # audited --speech-vocab-only
         changed = int(torch.argmax(full[j])) != int(ids[int(torch.argmax(logits))])
     rec = StepRecord(
-        tr.pos, token, modality, plan.bb.num_layers, action, filled=filled, vocab_changed=changed
+        tr.pos, token, modality, plan.bb.num_layers, rp.action, filled=filled, vocab_changed=changed
     )
     rec.misplanned = misplanned(modality, plan.kind_of(token))
-    tr.append(rec, state)
+    tr.append(rec, rp.state)
 
 
 def _flush(run: _Run, rows: list[int]) -> list[int]:
@@ -530,10 +530,11 @@ def _prefill(run: _Run, b: int) -> None:
         carry = _pooled_prefill(run, b, h, plan.cfg.prefill_pool)
     state = TrackerState()
     modality = next_modality(plan.cfg.interleave, state)
+    rp = _RowPlan(b, state, modality, plan.policy(modality), "full", bb.num_layers)
     full, restricted = run.project(
         bb.final_norm(carry.last()[:, 0]), [modality == "speech"], [b], plan.cfg.audit_vocab
     )
-    _emit_full(run, b, full, restricted, 0, state, modality, "full", filled=0)
+    _emit_full(run, rp, full, restricted, 0, filled=0)
 
 
 def _pooled_prefill(run: _Run, b: int, h: torch.Tensor, spec: PoolSpec) -> _Carry:
@@ -579,7 +580,7 @@ def _verify_one(plan: Plan, tr: Trace, pos: int, rec: StepRecord, logits, ids) -
     logits = _penalize(logits, tr.seq[: pos + 1], cfg.repetition_penalty, ids)
     rule = plan.accept if rec.modality == "speech" else EXACT
     ev = Evidence(logits, ids, token_of(int(torch.argmax(logits)), ids), tr.seq[pos], plan.distance)
-    if cfg.verify and cfg.temperature > 0:  # the rule decides on the full model's distribution
+    if plan.samples_verified:  # the rule decides on the full model's distribution
         ev.probs, ev.early_probs, ev.gen = _distribution(logits, cfg), tr.early_probs[pos], tr.gen
     accepted, token = rule.decide(rec.token, ev)
     return accepted, token, ev.best == rec.token
@@ -600,7 +601,7 @@ def _check_pending(run: _Run, b: int, full, restricted, first: int, start: int, 
         ok, token, agreed = _verify_one(plan, tr, pos, rec, logits, ids)
         rec.agreed, rec.accepted = agreed, ok
         all_ok &= ok
-        if plan.cfg.verify and not ok:
+        if plan.rolls_back and not ok:
             _adapt(plan, tr, False)
             k = tr.step_index(pos)
             tr.truncate(k)
@@ -975,6 +976,20 @@ class Plan:
 
     def policy(self, modality: str) -> Policy:
         return self.speech_policy if modality == "speech" else self.text_policy
+
+    # what verified mode (cfg.verify) means, in the two places the loop asks
+    @property
+    def rolls_back(self) -> bool:
+        """A rejected early token is replaced by the full model's choice and its row rolled back,
+        so a token streams only once a full pass has confirmed it (otherwise checks only count)."""
+        return self.cfg.verify
+
+    @property
+    def samples_verified(self) -> bool:
+        """Verified sampling: early steps keep their proposal distribution q, and checks decide on
+        the full model's distribution p (speculative sampling under `exact`); otherwise a check is
+        judged greedily, with no random draws, so unverified output never depends on the rule."""
+        return self.cfg.verify and self.cfg.temperature > 0
 
 
 @dataclass

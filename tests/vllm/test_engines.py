@@ -73,22 +73,25 @@ def hf_greedy(model_dir, prompts, n) -> list[list[int]]:
     return out
 
 
+# the shape of both tiny models: head size 32 (the CPU backend's smallest), 4 layers
+TINY_SHAPE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=512,
+)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random Qwen2 with head size 32 (the CPU backend's smallest), a trained-looking full head
     at layer 2, its exported draft; plain, draft-model and shared-weight-proposer engines."""
     tmp = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
+    cfg = Qwen2Config(**TINY_SHAPE, tie_word_embeddings=False)
     cfg.architectures = ["Qwen2ForCausalLM"]
     model = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -170,18 +173,7 @@ def test_glm_shaped_draft_is_lossless_in_vllm(tmp_path):
     """GLM-4-Voice's layout (GlmForCausalLM: partial rotary, fused gate/up; vLLM serves it through
     its transformers backend): plain vLLM equals transformers, the logit-lens draft is lossless."""
     torch.manual_seed(0)
-    cfg = GlmConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        pad_token_id=0,
-        eos_token_id=[1],
-        max_position_embeddings=512,
-    )
+    cfg = GlmConfig(**TINY_SHAPE, head_dim=32, pad_token_id=0, eos_token_id=[1])
     cfg.architectures = ["GlmForCausalLM"]
     model = GlmForCausalLM(cfg).eval()
     with torch.no_grad():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..accept import EXACT, AcceptRule, parse_accept
 from ..backbone import Backbone
-from ..config import GenerationConfig
+from ..config import GenerationConfig, group_by_config
 from ..engine import check_config
 from ..errors import SparkeeError
 from ..generate import generate, generate_batch
@@ -385,10 +385,9 @@ def _batches(run: EvalRun, todo: list[tuple[int, PromptItem, Row]]) -> list[tupl
         rows = list(chunk)
         k = n % len(rows)
         for row in rows[k:] + rows[:k]:
-            groups: dict[str, list] = {}
-            for i, item in chunk[row]:
-                groups.setdefault(repr(run.cfg_for(item).interleave), []).append((i, item))
-            units += [(row, g) for g in groups.values()]
+            examples = chunk[row]
+            for _, members in group_by_config(examples, lambda ex: run.cfg_for(ex[1])):
+                units.append((row, [examples[m] for m in members]))
     return units
 
 

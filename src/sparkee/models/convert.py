@@ -346,6 +346,15 @@ def _require(cfg: dict, keys: tuple[str, ...], what: str) -> None:
         raise SparkeeError(f"the {what} config lacks {', '.join(missing)}, so it is not a {what} checkpoint")
 
 
+def _checked_eos_and_pad(eos: list[int], pad, vocab: int) -> int:
+    """Refuse EOS ids outside the vocabulary; the pad id: the config's when it is in range, else
+    the first EOS id (the converted config needs one)."""
+    bad = [e for e in eos if not 0 <= e < vocab]
+    if bad:
+        raise SparkeeError(f"EOS id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    return int(pad) if pad is not None and 0 <= int(pad) < vocab else eos[0]
+
+
 def _eos_list(value) -> list[int] | None:
     if value is None:
         return None
@@ -526,12 +535,7 @@ def glm_config_from_chatglm(cfg: dict, eos_ids: list[int] | None = None):
             "the ChatGLM config lacks eos_token_id and the tokenizer files do not list "
             f"{', '.join(GLM_EOS_TOKENS)}: pass --eos-ids with the model's EOS ids"
         )
-    bad = [e for e in eos if not 0 <= e < vocab]
-    if bad:
-        raise SparkeeError(f"EOS id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-    pad = cfg.get("pad_token_id")
-    if pad is None or not 0 <= int(pad) < vocab:
-        pad = eos[0]
+    pad = _checked_eos_and_pad(eos, cfg.get("pad_token_id"), vocab)
     c = hf.make_config(
         "GlmForCausalLM",
         vocab_size=vocab,
@@ -713,12 +717,7 @@ def qwen2_config_from_step(cfg: dict, eos_ids: list[int], set_config: dict | Non
     if "rms_norm_eps" not in llm:
         raise _missing_field(what, "rms_norm_eps", "the norm epsilon", "Qwen2.5-7B uses 1e-06")
     vocab = int(llm["vocab_size"])
-    bad = [e for e in eos_ids if not 0 <= e < vocab]
-    if bad:
-        raise SparkeeError(f"EOS id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-    pad = llm.get("pad_token_id")
-    if pad is None or not 0 <= int(pad) < vocab:
-        pad = eos_ids[0]
+    pad = _checked_eos_and_pad(eos_ids, llm.get("pad_token_id"), vocab)
     c = hf.make_config(
         "Qwen2ForCausalLM",
         vocab_size=vocab,

@@ -86,6 +86,24 @@ class Dialogue:
         return bool(self.turns) and self.turns[-1].role == "user"
 
 
+def question(model: str, speech_ids, text, history, system: str | None) -> Dialogue:
+    """The dialogue of a prompt builder's one question (`speech_ids` and/or `text`) after the
+    turns of `history` (a `Dialogue` or turns); `system` goes in unless the history has its own."""
+    if not speech_ids and not text:
+        raise SparkeeError(f"a {model} prompt needs input speech ids or text")
+    past = history if isinstance(history, Dialogue) else Dialogue(tuple(history or ()))
+    if past.system is None:
+        past = past.with_system(system)
+    return past.ask(speech=speech_ids, text=text)
+
+
+def check_codes(codes: Sequence[int], count: int, model: str) -> None:
+    """Refuse a speech code outside the model's codebook (0..count-1)."""
+    bad = [c for c in codes if not 0 <= c < count]
+    if bad:
+        raise SparkeeError(f"speech code {bad[0]} is outside {model}'s 0..{count - 1}")
+
+
 def _ints(value, where: str, what: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise SparkeeError(f"{where}: '{what}' must be a list of whole numbers")

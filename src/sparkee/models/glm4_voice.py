@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import SparkeeError
 from .convert import convert_glm4_voice
-from .dialogue import Dialogue, Turn
+from .dialogue import Dialogue, Turn, check_codes, question
 from .tokens import find_token_ids, has_tokenizer_files, read_json, special_id_resolver
 
 NAME = "glm-4-voice"
@@ -186,11 +186,7 @@ def build_dialogue(dialogue: Dialogue, tokenizer=None, model_dir: str | Path | N
         if turn.role == "user":
             out.append(sp("<|user|>"))
             if turn.speech:
-                bad = [s for s in turn.speech if not 0 <= s < NUM_AUDIO_TOKENS]
-                if bad:
-                    raise SparkeeError(
-                        f"speech code {bad[0]} is outside GLM-4-Voice's 0..{NUM_AUDIO_TOKENS - 1}"
-                    )
+                check_codes(turn.speech, NUM_AUDIO_TOKENS, "GLM-4-Voice")
                 audio0 = sp("<|audio_0|>")
                 out += enc("\n")
                 out += [sp("<|begin_of_audio|>"), *(audio0 + s for s in turn.speech), sp("<|end_of_audio|>")]
@@ -224,12 +220,7 @@ def build_prompt(
     add_special_tokens=False)`); special tokens come from the tokenizer, else from `model_dir`'s
     tokenizer files; an id found in neither is an error naming the token (no built-in id is used).
     """
-    if not speech_ids and not text:
-        raise SparkeeError("a GLM-4-Voice prompt needs input speech ids or text")
-    past = history if isinstance(history, Dialogue) else Dialogue(tuple(history or ()))
-    if past.system is None:
-        past = past.with_system(system)
-    return build_dialogue(past.ask(speech=speech_ids, text=text), tokenizer, model_dir)
+    return build_dialogue(question("GLM-4-Voice", speech_ids, text, history, system), tokenizer, model_dir)
 
 
 __all__ = [

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import SparkeeError
 from .convert import convert_step_audio2, step_llm_config
-from .dialogue import Dialogue, Turn
+from .dialogue import Dialogue, Turn, check_codes, question
 from .tokens import find_token_ids, has_tokenizer_files, read_json, special_id_resolver
 
 NAME = "step-audio-2-mini"
@@ -146,11 +146,7 @@ def build_dialogue(dialogue: Dialogue, tokenizer=None, model_dir: str | Path | N
     for turn in turns:
         if turn.role == "user":
             if turn.speech:
-                bad = [s for s in turn.speech if not 0 <= s < NUM_AUDIO_CODES]
-                if bad:
-                    raise SparkeeError(
-                        f"speech code {bad[0]} is outside Step-Audio-2's 0..{NUM_AUDIO_CODES - 1}"
-                    )
+                check_codes(turn.speech, NUM_AUDIO_CODES, "Step-Audio-2")
                 a0 = sp("<audio_0>")
                 out += [bot, *enc("human\n"), *(a0 + s for s in turn.speech)]
                 if turn.text:
@@ -185,12 +181,9 @@ def build_prompt(
     special-token ids come from the tokenizer, else from `model_dir`'s tokenizer files; an id
     found in neither is an error naming the token (no built-in id is used).
     """
-    if not speech_ids and not text:
-        raise SparkeeError("a Step-Audio-2 prompt needs input speech ids or text")
-    past = history if isinstance(history, Dialogue) else Dialogue(tuple(history or ()))
-    if past.system is None:
-        past = past.with_system(system or "")
-    return build_dialogue(past.ask(speech=speech_ids, text=text), tokenizer, model_dir)
+    return build_dialogue(
+        question("Step-Audio-2", speech_ids, text, history, system or ""), tokenizer, model_dir
+    )
 
 
 __all__ = [
