@@ -128,10 +128,13 @@ def test_batch_rows_with_an_adapter_equal_each_row_alone():
     for p, res in zip(prompts, batch, strict=True):
         alone = run(p, cfg)
         assert res.tokens == alone.tokens == generate(BB, p, GenerationConfig(max_new_tokens=18)).tokens
-        assert res.draft_cache.lens == alone.draft_cache.lens
-        n = res.draft_cache.lens[1]
+        # the adapter's own cache holds what a plain pass gives, as far as each run filled it (in a
+        # batch an exact row's refreshes follow its batch-mates', so it may have filled more or less)
         k_ref, _ = adapter_kv_reference(HEADS, 3, res.prompt + res.tokens[:-1])
-        torch.testing.assert_close(res.draft_cache.layer_kv(1)[0], k_ref[:, :, :n], atol=1e-5, rtol=0)
+        for r in (res, alone):
+            n = r.draft_cache.lens[1]
+            assert n >= len(p)  # the prompt at least
+            torch.testing.assert_close(r.draft_cache.layer_kv(1)[0], k_ref[:, :, :n], atol=1e-5, rtol=0)
 
 
 def test_sampled_verification_with_an_adapter_is_seeded():

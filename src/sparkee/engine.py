@@ -382,8 +382,27 @@ def _plan_row(run: _Run, b: int) -> _RowPlan:
     state = tr.state(plan)
     modality = next_modality(plan.cfg.interleave, state)
     policy = plan.policy(modality)
-    action, L = policy.plan(chunk_index(modality, state) + tr.phase, state.since_full, tr.run_len)
+    if run.capacity > 1 and plan.refreshes_with_batch and policy.refresh_every:
+        # in a batch, a pattern of one F in K steps runs on the clock of full passes: K - 1 early
+        # steps after each (see _share_refreshes), so rows that refreshed together go on together
+        action, L = ("exit", policy.layer) if state.since_full < policy.refresh_every - 1 else ("full", None)
+    else:
+        action, L = policy.plan(chunk_index(modality, state) + tr.phase, state.since_full, tr.run_len)
     return _RowPlan(b, state, modality, policy, action, L if L else plan.bb.num_layers)
+
+
+def _share_refreshes(run: _Run, plans: list[_RowPlan]) -> None:
+    """When a step runs the deep layers for some row anyway (a text step, a refresh), rows that may
+    refresh at any step join it: their pending early tokens are checked in the same pass, which
+    costs little more (a layer pass over more rows is far cheaper than another pass), and their
+    clock restarts with their batch-mates'. Only rows of exact greedy verification, whose tokens
+    are full depth's whatever the schedule, so a row's answer never depends on its batch-mates."""
+    N = run.plan.bb.num_layers
+    if not any(rp.depth == N for rp in plans):
+        return
+    for rp in plans:
+        if rp.action == "exit" and rp.state.since_full > 0 and run.plans[rp.row].refreshes_with_batch:
+            rp.action, rp.depth = "full", N
 
 
 def _step(run: _Run, rows: list[int]) -> None:
@@ -391,6 +410,7 @@ def _step(run: _Run, rows: list[int]) -> None:
     plan = run.plan
     bb, N = plan.bb, plan.bb.num_layers
     plans = [_plan_row(run, b) for b in rows]
+    _share_refreshes(run, plans)
     h = bb.embed(torch.tensor([[run.traces[b].seq[-1]] for b in rows], device=bb.device))
     carry = _Carry(list(rows), h, [run.traces[b].pos for b in rows], [1] * len(rows))
     live = {rp.row: rp for rp in plans}
@@ -983,6 +1003,12 @@ class Plan:
         """A rejected early token is replaced by the full model's choice and its row rolled back,
         so a token streams only once a full pass has confirmed it (otherwise checks only count)."""
         return self.cfg.verify
+
+    @property
+    def refreshes_with_batch(self) -> bool:
+        """Exact greedy verification: the tokens are full depth's token for token whatever the
+        schedule, so in a batch the row's refreshes may move to steps its batch-mates run deep."""
+        return self.cfg.verify and self.accept.lossless and self.cfg.temperature == 0
 
     @property
     def samples_verified(self) -> bool:

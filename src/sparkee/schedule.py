@@ -50,6 +50,14 @@ class Policy:
         return self.name
 
     @property
+    def refresh_every(self) -> int | None:
+        """K for a spar-k pattern of one F in K steps (even, triple, FEEE, ...): a full pass every K
+        steps, which a batch may clock by full passes instead of chunk positions; else None."""
+        if self.kind == "spar-k" and self.pattern and self.pattern.count("F") == 1:
+            return len(self.pattern)
+        return None
+
+    @property
     def uses_heads(self) -> bool:
         return self.kind != "full"
 
