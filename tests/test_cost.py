@@ -347,3 +347,18 @@ def test_the_meters_are_a_replay_of_the_engines_pass_records():
             theirs.layer_rows, theirs.layer_ctx, theirs.mats, theirs.steps,
         )  # fmt: skip
     assert sum(eng.result(b).stats.verify_rejections for b in rows) > 0  # rollbacks were replayed too
+
+
+def test_a_capped_instruction_set_is_another_machine(monkeypatch):
+    """Capping a library's instruction set (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU, to measure
+    an AVX2 machine's kernels) runs other kernels: its calibrations and kernel choices are cached
+    apart, never mixed with the uncapped ones."""
+    import torch
+
+    bb = wrap_model(tiny_model("qwen2", layers=2))
+    plain = calibrate.calibration_key(bb)
+    assert torch.backends.cpu.get_cpu_capability() in store.machine_id()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = calibrate.calibration_key(bb)
+    assert capped["machine"].endswith("ONEDNN_MAX_CPU_ISA=AVX2") and capped != plain
+    assert store.key_path("calibration", capped) != store.key_path("calibration", plain)

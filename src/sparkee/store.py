@@ -21,8 +21,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("SPARKEE_CACHE") or Path.home() / ".cache" / "sparkee")
 
 
+# environment variables that cap the instruction set a CPU library uses (the same CPU then runs
+# other kernels, so its timings and kernel choices are another machine's)
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine_id() -> str:
-    """CPU model (or GPU name), logical cores and torch threads: what makes timings comparable."""
+    """CPU model (or GPU name), logical cores, torch threads and the instruction set torch's
+    kernels use (with any library's cap on it): what makes timings comparable."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -31,7 +37,9 @@ def machine_id() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu} | {os.cpu_count()} cpus | {torch.get_num_threads()} threads"
+    isa = torch.backends.cpu.get_cpu_capability()
+    caps = "".join(f" {k}={os.environ[k]}" for k in ISA_LIMITS if os.environ.get(k))
+    return f"{cpu} | {os.cpu_count()} cpus | {torch.get_num_threads()} threads | {isa}{caps}"
 
 
 def key_path(kind: str, key: dict) -> Path:
