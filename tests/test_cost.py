@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -291,6 +292,9 @@ def test_a_kernel_must_win_in_both_halves_of_its_timing():
     # rowwise runs r 1-row products of the best 1-row kernel: it wins where that is cheaper
     rowwise = {"plain": [(10.0, 10.0), (30.0, 30.0), (40.0, 40.0), (80.0, 80.0)]}
     assert kernels.choose_kernels(rowwise) == ("plain", "rowwise", "plain", "plain")
+    # measured rowwise times (the same weight r times, warm in cache) win over the estimate
+    warm = dict(rowwise, rowwise=[(math.inf, math.inf), (15.0, 15.0), (30.0, 30.0), (90.0, 90.0)])
+    assert kernels.choose_kernels(warm) == ("plain", "rowwise", "rowwise", "plain")
 
 
 def test_schedule_predictions_are_what_a_run_of_the_schedule_reports():
