@@ -22,7 +22,8 @@ from sparkee import (
     parse_policy,
     wrap_model,
 )
-from sparkee.accept import EXACT, Evidence
+from sparkee.accept import EXACT
+from sparkee.evidence import Evidence
 from test_batch import assert_row_cache_complete
 
 MODEL = tiny_model("llama", layers=5)

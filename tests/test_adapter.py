@@ -23,9 +23,9 @@ from sparkee import (
     wrap_model,
 )
 from sparkee.cache import LayeredKVCache
+from sparkee.config import PoolSpec
 from sparkee.generate import Generation
 from sparkee.labels import adapter_logits_of, collect_labels, layer_metrics
-from sparkee.pooling import PoolSpec
 from sparkee.sources import PromptItem
 from sparkee.train_heads import distill
 from test_batch import assert_row_cache_complete

@@ -19,10 +19,17 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sparkee"
 # its submodules unless one is listed itself.
 FLOORS: list[tuple[str, ...]] = [
     ("errors", "syntax", "progress", "store", "plugin", "scoring", "sources"),  # leaves
-    ("schedule", "config", "pooling", "refslm"),  # pure specs; the reference SLM's own files
-    ("hf", "cache", "compiled", "kernels", "scripted", "models"),  # transformers, buffers, formats
+    ("schedule", "accept", "refslm"),  # pure specs; the reference SLM's own files
+    ("config",),  # GenerationConfig and the pooling spec, over the specs below it
+    ("pooling", "hf", "cache", "compiled", "kernels", "scripted", "models"),  # tensors, transformers, formats
     ("backbone",),
-    ("heads", "accept", "cost", "trace", "stats"),  # exit heads, acceptance rules, the meter, records, stats
+    (
+        "heads",
+        "evidence",
+        "cost",
+        "trace",
+        "stats",
+    ),  # exit heads, a rule's evidence, the meter, records, stats
     ("engine",),  # the step-able engine and the decode loop
     ("calibrate",),  # measures a machine by running the engine
     ("generate",),  # generate / stream / generate_batch over the engine
@@ -31,7 +38,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("train_heads", "serve", "integrations", "__init__"),
     ("cli",),
 ]
-PURE = ("errors", "syntax", "schedule", "config", "scoring", "plugin")  # never import torch
+PURE = ("errors", "syntax", "schedule", "accept", "config", "scoring", "plugin")  # never import torch
 
 
 def _module_name(path: Path) -> str:
@@ -149,6 +156,13 @@ def test_pure_modules_do_not_touch_torch(mod):
         elif isinstance(node, ast.ImportFrom) and not node.level:
             names = [node.module or ""]
         assert not any(n.split(".")[0] in ("torch", "transformers") for n in names), f"{mod} imports {names}"
+
+
+def test_pure_modules_import_only_pure_modules():
+    # a pure spec that imports a module holding tensors would pull torch in after all
+    graph = _graph()
+    impure = [f"{m}:{line} imports {t}" for m in PURE for t, line in graph[m] if t not in PURE]
+    assert not impure, "pure modules importing others:\n" + "\n".join(impure)
 
 
 def test_the_checker_sees_an_upward_import_inside_a_function(tmp_path, monkeypatch):

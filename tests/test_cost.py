@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_batch_meter_counts_a_steps_fixed_work_once_per_batch_step():
         key={}, rows=[1, 64], layer_a=[0.0, 0.0], layer_c=[0.0, 0.0], mat_sizes=[1, 10**9],
         mat_rows=[1, 64], mat_s=[[0.0, 0.0], [0.0, 0.0]], overhead={"full": 1.0, "early": 0.5, "check": 0.0},
     )  # fmt: skip
-    stats = batch_stats(gen._run.batch_meter, gen._run.traces, bb.num_layers, 1.0, cal)
+    stats = batch_stats(gen._run.batch_meter, gen._run.traces, 1.0, cal)
     assert stats["batch_predicted_speedup_calibrated"] == pytest.approx(8 / (4 + 2))
 
 
@@ -346,11 +347,40 @@ def test_the_meters_are_a_replay_of_the_engines_pass_records():
     for mine, theirs in [(again.batch, eng._run.batch_meter)] + [
         (again.rows[b], eng._run.meters[b]) for b in rows
     ]:
-        assert (mine.macs, mine.reads, mine.passes) == (theirs.macs, theirs.reads, theirs.passes)
-        assert (mine.layer_rows, mine.layer_ctx, mine.mats, mine.steps) == (
-            theirs.layer_rows, theirs.layer_ctx, theirs.mats, theirs.steps,
-        )  # fmt: skip
+        _same_meter(mine, theirs)
     assert sum(eng.result(b).stats.verify_rejections for b in rows) > 0  # rollbacks were replayed too
+
+
+def _same_meter(mine: cost.CostMeter, theirs: cost.CostMeter) -> None:
+    assert (mine.macs, mine.reads, mine.passes) == (theirs.macs, theirs.reads, theirs.passes)
+    assert (mine.layer_rows, mine.layer_ctx, mine.mats, mine.steps) == (
+        theirs.layer_rows, theirs.layer_ctx, theirs.mats, theirs.steps,
+    )  # fmt: skip
+
+
+def test_the_full_depth_baselines_are_the_meters_of_a_full_depth_run():
+    """The baselines of the predicted speed-ups (a row alone, the batch) replay the passes plain
+    full-depth decoding runs: they equal the meters of a real full-depth run of the same tokens."""
+    from sparkee.engine import Engine
+
+    bb = wrap_model(tiny_model("qwen2", layers=4))
+    prompts = ([3, 5, 7], [2, 4], [9, 8, 7, 6, 5])
+    cfg = GenerationConfig(max_new_tokens=10, interleave=Interleave(1, 2), stop_ids=[])
+    eng = Engine(bb, None, cfg, max_batch_size=3, calibration=None)
+    # rows of different lengths: the batch baseline drops a row once it has finished
+    rows = [eng.add(p, replace(cfg, max_new_tokens=n)) for p, n in zip(prompts, (10, 4, 7), strict=True)]
+    eng.reset_batch_meter()
+    while eng.active():
+        eng.step()
+    traces = [eng._run.traces[b] for b in rows]
+    proj = bb.hidden_size * bb.vocab_size
+    for b, tr in zip(rows, traces, strict=True):
+        base = cost.baseline_meter(eng._run.meters[b], tr.records, tr.prompt_len, [proj] * len(tr.records))
+        _same_meter(base, eng._run.meters[b])
+    lengths = [len(t.records) for t in traces]
+    assert lengths == [10, 4, 7]
+    base = cost.batch_baseline_meter(eng._run.batch_meter, [t.prompt_len for t in traces], lengths)
+    _same_meter(base, eng._run.batch_meter)
 
 
 def test_a_capped_instruction_set_is_another_machine(monkeypatch):

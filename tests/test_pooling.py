@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from conftest import tiny_model
 from sparkee import GenerationConfig, Interleave, SparkeeError, generate, wrap_model
-from sparkee.pooling import PoolSpec, affinity_groups, parse_pool, pool
+from sparkee.config import PoolSpec, parse_pool
+from sparkee.pooling import affinity_groups, pool
 
 BB = wrap_model(tiny_model("qwen2", layers=6))
 # prompt: text, a run of speech ids (40..79) with repeats, text, speech, text

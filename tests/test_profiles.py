@@ -137,7 +137,7 @@ def test_item_config_follows_the_prompts_format():
 
 def test_a_config_of_parsed_specs_keys_manifests_like_the_strings_it_came_from():
     from sparkee import parse_accept, parse_policy
-    from sparkee.pooling import parse_pool
+    from sparkee.config import parse_pool
     from sparkee.profiles import config_json
 
     strings = GenerationConfig(speech_policy="spar-k:even:3", text_policy="fixed:2", accept="typical:0.2")

@@ -22,7 +22,8 @@ distribution when sampling (the residual max(0, p - q) under `exact`).
 Each rule is one small class: `keeps(token, evidence)` says whether it keeps an early token, and
 `decide(token, evidence)` says what the row goes on with (the token, or the full model's choice);
 `Exact.decide` is speculative sampling when sampling in verified mode. The engine builds one
-`Evidence` per checked position and calls `rule.decide`, whatever the rule.
+`evidence.Evidence` per checked position and calls `rule.decide`, whatever the rule. This module is
+pure Python (the config floor: specs parse without torch); the evidence does the tensor work.
 """
 
 from __future__ import annotations
@@ -31,51 +32,16 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from .errors import SparkeeError
 from .plugin import load_plugin
 from .syntax import ACCEPT_SYNTAX
 
+if TYPE_CHECKING:  # annotations only: the rules are pure Python, the evidence holds the tensors
+    from .evidence import Evidence
+
 Distance = Callable[[int, int], float]
-
-
-@dataclass
-class Evidence:
-    """What the full pass says at one early position: what a rule decides from."""
-
-    logits: torch.Tensor  # [n] the full model's processed logits over `ids` (or the whole vocabulary)
-    ids: torch.Tensor | None  # [n] sorted token ids of those entries; None: the whole vocabulary
-    best: int  # the token of the largest logit
-    previous: int | None = None  # the token before the early one (no-stretch)
-    distance: Distance | None = None  # the unit-distance plug-in
-    # sampling in verified mode only; greedy, or unverified (judged greedily, no draws): None
-    probs: torch.Tensor | None = None  # [n] the full model's sampling distribution over the same entries
-    early_probs: torch.Tensor | None = None  # [V] q, the early step's distribution over the vocabulary
-    gen: torch.Generator | None = None  # the row's own generator
-
-    @cached_property
-    def choice(self) -> int:
-        """The full model's own token: its argmax when greedy, one draw from its distribution when
-        sampling (drawn once, when a rule first asks)."""
-        if self.probs is None:
-            return self.best
-        return token_of(int(torch.multinomial(self.probs, 1, generator=self.gen)), self.ids)
-
-    def column(self, token: int) -> int | None:
-        """The entry of `token` in the logits; None when it is not among them."""
-        if self.ids is None:
-            return token
-        i = int(torch.searchsorted(self.ids, token))
-        return i if i < self.ids.numel() and int(self.ids[i]) == token else None
-
-
-def token_of(index: int, ids: torch.Tensor | None) -> int:
-    """The token id of entry `index` of logits over `ids` (or the whole vocabulary)."""
-    return index if ids is None else int(ids[index])
 
 
 class AcceptRule:
@@ -116,18 +82,9 @@ class Exact(AcceptRule):
         return token == ev.choice
 
     def decide(self, token: int, ev: Evidence) -> tuple[bool, int]:
-        if ev.probs is None or ev.early_probs is None:  # greedy, or judged greedily
-            return super().decide(token, ev)
-        # accept with probability min(1, p(x) / q(x)), else draw from max(0, p - q): the output
-        # distribution is the full model's
-        q = ev.early_probs
-        p = torch.zeros(q.numel())
-        p[ev.ids.cpu() if ev.ids is not None else slice(None)] = ev.probs.cpu()
-        if float(torch.rand((), generator=ev.gen)) < min(1.0, float(p[token] / q[token].clamp_min(1e-20))):
-            return True, token
-        resid = (p - q).clamp_min(0)
-        resid = resid / resid.sum() if resid.sum() > 0 else p
-        return False, int(torch.multinomial(resid, 1, generator=ev.gen))
+        if ev.speculative:  # sampling in verified mode: the output distribution is the full model's
+            return ev.speculative_sample(token)
+        return super().decide(token, ev)  # greedy, or judged greedily
 
 
 @dataclass(frozen=True)
@@ -139,12 +96,7 @@ class TopK(AcceptRule):
     kind: ClassVar[str] = "topk"
 
     def keeps(self, token: int, ev: Evidence) -> bool:
-        col = ev.column(token)
-        if col is None:  # the early token is not even a candidate of the full model's projection
-            return False
-        src = ev.probs if ev.probs is not None else ev.logits
-        kth = torch.topk(src, min(self.k, src.numel())).values[-1]
-        return bool(src[col] >= kth) and (ev.probs is None or bool(ev.probs[col] > 0))
+        return ev.in_top_k(token, self.k)
 
 
 @dataclass(frozen=True)
@@ -157,11 +109,9 @@ class Typical(AcceptRule):
     kind: ClassVar[str] = "typical"
 
     def keeps(self, token: int, ev: Evidence) -> bool:
-        col = ev.column(token)
-        if col is None:
+        if ev.column(token) is None:  # not even a candidate of the full model's projection
             return False
-        p = ev.probs if ev.probs is not None else torch.softmax(ev.logits.float(), -1)
-        return float(p[col]) >= min(self.eps, self.delta * math.exp(-entropy(p)))
+        return ev.prob(token) >= min(self.eps, self.delta * math.exp(-ev.entropy))
 
 
 @dataclass(frozen=True)
@@ -251,12 +201,6 @@ def parse_accept(spec: str | AcceptRule | None) -> AcceptRule:
             raise SparkeeError(f"acceptance rule '{s}' needs D >= 0, got {parts[1]}")
         return UnitDistance(d, name=s)
     raise SparkeeError(f"unknown acceptance rule '{spec}': use {ACCEPT_SYNTAX}")
-
-
-def entropy(p: torch.Tensor) -> float:
-    """Entropy in nats of a probability vector."""
-    logp = p.clamp_min(1e-30).log()
-    return float(-(p * logp).sum())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from .schedule import FORMATS
 from .syntax import ACCEPT_SYNTAX, POLICY_SYNTAX
 
 if TYPE_CHECKING:  # the CLI imports its heavy modules inside the commands, so startup stays fast
+    from .config import PoolSpec
     from .eval.harness import EvalRun
-    from .pooling import PoolSpec
     from .profiles import ModelProfile
     from .sources import PromptItem
 
@@ -277,7 +277,7 @@ def parse_ids(text: str, what: str, allow_empty: bool = False) -> list[int]:
 
 def pool_option(text: str, num_layers: int | None = None) -> PoolSpec:
     """A --prefill-pool value, refusing what parse_pool lets through (empty, NaN or infinite)."""
-    from .pooling import parse_pool
+    from .config import parse_pool
 
     if not text.strip():
         raise SparkeeError(f"--prefill-pool is empty: it must look like {POOL_SYNTAX}")
@@ -300,6 +300,53 @@ def parsed_specs(speech_policy: str | None, text_policy: str | None, accept: str
         "text_policy": None if text_policy is None else parse_policy(text_policy),
         "accept": None if accept is None else parse_accept(accept),
     }
+
+
+def sampling_overrides(
+    max_new_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    verify: bool,
+    unit_distance: str | None,
+    repetition_penalty: float | None,
+    speech_vocab_only: bool,
+    vocab_audit: bool,
+) -> dict:
+    """The decoding options generate and serve share, as resolve_config overrides: None keeps the
+    profile's setting, so flags only switch on."""
+    return {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "verify": verify or None,
+        "unit_distance": unit_distance,
+        "repetition_penalty": repetition_penalty,
+        "speech_vocab_only": speech_vocab_only or None,
+        "audit_vocab": None if vocab_audit else False,
+    }
+
+
+def load_configured(
+    model: Path,
+    decoding: DecodingArgs,
+    options: dict,
+    dtype: str,
+    device: str,
+    plain_kernels: bool,
+    compile_steps: bool,
+):
+    """(backbone, profile, config): the model loaded with its fast paths, its profile, and the
+    profile's config with the command's options over it (option values are checked first, so a
+    bad one fails before the model loads)."""
+    from .backbone import load_model
+    from .profiles import resolve_config
+
+    overrides = decoding.overrides()
+    bb = load_model(model, dtype=dtype, device=device, fast=not plain_kernels, compile=compile_steps)
+    profile = decoding.profile(model, bb)
+    return bb, profile, resolve_config(profile, overrides | options)
 
 
 def calibrate_before_timing(bb, heads, cfg) -> None:
@@ -393,8 +440,7 @@ def generate(
     decoding: DecodingArgs,
 ) -> None:
     """Generate with scheduled early exit and print the tokens, the per-step trace and stats."""
-    from .backbone import load_model
-    from .profiles import resolve_config
+    from .profiles import heads_of
 
     if trace and not as_json:
         raise SparkeeError("--trace adds the per-step records to the JSON output: give --json too")
@@ -411,28 +457,12 @@ def generate(
     specs = parsed_specs(speech_policy, text_policy, accept)  # bad ones fail before the model loads
     ids = parse_ids(prompt_ids, "--prompt-ids") if prompt_ids is not None else None
     pool = pool_option(prefill_pool) if prefill_pool is not None else None
-    overrides = decoding.overrides()  # bad option values fail before the model loads
-    bb = load_model(model, dtype=dtype, device=device, fast=not plain_kernels, compile=compile_steps)
-    profile = decoding.profile(model, bb)
-    cfg = resolve_config(
-        profile,
-        overrides
-        | specs
-        | {
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "seed": seed,
-            "verify": verify or None,  # flags only switch on: None keeps the profile's setting
-            "unit_distance": unit_distance,
-            "repetition_penalty": repetition_penalty,
-            "speech_vocab_only": speech_vocab_only or None,
-            "audit_vocab": None if vocab_audit else False,
-            "prefill_pool": pool,
-            "calibrate": False if no_calibrate else None,
-        },
-    )
+    options = specs | sampling_overrides(
+        max_new_tokens, temperature, top_p, top_k, verify, unit_distance, repetition_penalty,
+        speech_vocab_only, vocab_audit,
+    )  # fmt: skip
+    options |= {"seed": seed, "prefill_pool": pool, "calibrate": False if no_calibrate else None}
+    bb, profile, cfg = load_configured(model, decoding, options, dtype, device, plain_kernels, compile_steps)
     exit_heads = heads_of(heads, profile, bb)
     fmt = cfg.interleave.format if cfg.interleave else None
     if prompts_file is not None:
@@ -709,7 +739,7 @@ def layer_report(
     """Per-layer agreement with the last layer and KL, text and speech steps apart (the paper's Table 1)."""
     from .analysis import run_report
     from .backbone import load_model
-    from .profiles import item_config, resolve_config
+    from .profiles import heads_of, item_config, resolve_config
     from .sources import check_limit
 
     check_limit(limit)
@@ -841,7 +871,15 @@ def eval_cmd(
     from .backbone import load_model
     from .eval import plugins
     from .eval.harness import EvalRun, parse_rows
-    from .profiles import config_json, item_config, resolve_config
+    from .profiles import (
+        config_json,
+        heads_identity,
+        heads_of,
+        heads_path,
+        item_config,
+        load_row_heads,
+        resolve_config,
+    )
     from .sources import check_limit
 
     check_limit(limit)
@@ -913,43 +951,6 @@ def eval_cmd(
     typer.echo(f"wrote {out}/table.md, table.csv, summary.json, results.jsonl, report.html and plots")
 
 
-def load_row_heads(rows, profile: ModelProfile, bb) -> tuple[dict, dict[str, str]]:
-    """The heads rows name with @HEADS ('bundled': the model profile's), loaded once each, and
-    what the manifest records for them."""
-
-    loaded, identity = {}, {}
-    for spec in sorted({r.heads for r in rows if r.heads is not None}):
-        loaded[spec] = heads_of(spec, profile, bb)
-        identity[spec] = heads_identity(heads_path(spec, profile))
-    return loaded, identity
-
-
-def heads_path(spec: str, profile: ModelProfile) -> str:
-    """A --heads value with 'bundled' replaced by the file of heads the model ships with."""
-    if spec != "bundled":
-        return spec
-    if not getattr(profile, "heads", None):
-        raise SparkeeError("--heads bundled: this model comes with no heads; give a heads file or logit-lens")
-    return str(profile.heads)
-
-
-def heads_of(spec: str, profile: ModelProfile, bb):
-    """The exit heads a --heads value (or a row's @HEADS) names."""
-    from .heads import resolve_heads
-
-    return resolve_heads(heads_path(spec, profile), bb)
-
-
-def heads_identity(spec: str) -> str:
-    """What the manifest records for `--heads`: 'logit-lens', or the file's kind and content hash."""
-    from .eval.harness import file_digest
-    from .heads import read_metadata
-
-    if spec == "logit-lens":
-        return spec
-    return f"{read_metadata(spec)['head_type']}:{file_digest(spec)}"
-
-
 def _run_and_report(run: EvalRun, manifest: dict, fresh: bool, title: str, notes: str) -> None:
     """Run (or resume) an evaluation, write the report, print the table and any failures."""
     from .eval.harness import code_version, failures, prepare_out, run_eval, summarize, timing_warning
@@ -1005,7 +1006,16 @@ def demo(
     """Answer the bundled reference SLM's test questions under each policy; print the paper's Table 2."""
     from .backbone import load_model
     from .eval.harness import EvalRun, Row
-    from .profiles import ReferenceProfile, item_config, load_profile, resolve_config
+    from .profiles import (
+        ReferenceProfile,
+        heads_identity,
+        heads_of,
+        heads_path,
+        item_config,
+        load_profile,
+        load_row_heads,
+        resolve_config,
+    )
     from .refslm import bundled_model_dir
     from .refslm.data import FORMATS as REFSLM_FORMATS
     from .schedule import parse_policy
@@ -1125,8 +1135,7 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat completions with streamed text and
     audio, completions, metrics, a browser page) with continuous batching."""
-    from .backbone import load_model
-    from .profiles import resolve_config
+    from .profiles import heads_of
 
     specs = parsed_specs(speech_policy, text_policy, accept)  # bad ones fail before the model loads
     check_at_least(max_batch_size, 1, "--max-batch-size")
@@ -1150,25 +1159,11 @@ def serve(
     # an OpenMP pool on every core spins while the engine thread waits, starving the event loop
     # and the vocoder: on 2 cores one torch thread served 2.6x the tokens/s of two (bench/serve_load.py)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    overrides = decoding.overrides()
-    bb = load_model(model, dtype=dtype, device=device, fast=not plain_kernels, compile=compile_steps)
-    profile = decoding.profile(model, bb)
-    cfg = resolve_config(
-        profile,
-        overrides
-        | specs
-        | {
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "verify": verify or None,
-            "unit_distance": unit_distance,
-            "repetition_penalty": repetition_penalty,
-            "speech_vocab_only": speech_vocab_only or None,
-            "audit_vocab": None if vocab_audit else False,
-        },
-    )
+    options = specs | sampling_overrides(
+        max_new_tokens, temperature, top_p, top_k, verify, unit_distance, repetition_penalty,
+        speech_vocab_only, vocab_audit,
+    )  # fmt: skip
+    bb, profile, cfg = load_configured(model, decoding, options, dtype, device, plain_kernels, compile_steps)
     exit_heads = heads_of(heads, profile, bb)
     server = serving.build_server(
         bb,

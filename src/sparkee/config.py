@@ -1,21 +1,74 @@
 """GenerationConfig: what a run decodes and how, as data (no torch, no model).
 
-The CLI, the HTTP server and eval rows build one and hand it to the engine; `engine.make_plan`
-checks it against a model and its heads once, in one function, and resolves its strings
-(policies, the acceptance rule) into the typed specs of schedule.py and accept.py.
+The config floor is pure Python: this module (`GenerationConfig`, the Affinity Pooling spec
+`PoolSpec`), schedule.py (`Policy`, `Interleave`) and accept.py (the acceptance rules). The CLI, the
+HTTP server and eval rows parse their strings into these specs once, at the edge, and hand a
+config to the engine; `engine.make_plan` checks it against a model and its heads once, in one
+function (a string still given there is parsed there, for Python callers).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-if TYPE_CHECKING:  # annotations only: config stays importable without torch
-    from .accept import AcceptRule
-    from .pooling import PoolSpec
-    from .schedule import Interleave, Policy
+from .accept import AcceptRule
+from .errors import SparkeeError
+from .schedule import Interleave, Policy
+
+POSITION_RULES = ("first", "mean")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    tau_in: float
+    tau_deep: float
+    layer: int  # pool the state after this many layers (1 <= layer < num_layers)
+    window_in: int = 1
+    window_deep: int = 3
+    position: str = "first"  # measured better than "mean" on the reference SLM (docs/results.md)
+    text: str = field(default="", compare=False)  # as the user wrote it (eval's row names show it)
+
+    def check(self, num_layers: int) -> None:
+        if not 1 <= self.layer < num_layers:
+            raise SparkeeError(
+                f"pooling layer {self.layer} is out of range: this model has {num_layers} layers, so use 1..{num_layers - 1}"
+            )
+
+
+def parse_pool(text: str) -> PoolSpec:
+    """`in=TAU_IN,deep=TAU_DEEP@LAYER[,window-in=1,window-deep=3,pos=first|mean]`."""
+    usage = "--prefill-pool must look like in=0.8,deep=0.7@12[,window-in=1,window-deep=3,pos=first]"
+    fields: dict[str, str] = {}
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        if "=" not in part:
+            raise SparkeeError(f"{usage}, got '{text}'")
+        k, v = part.split("=", 1)
+        fields[k.strip()] = v.strip()
+    m = re.fullmatch(r"(-?[\d.]+)@(\d+)", fields.get("deep", ""))
+    if "in" not in fields or not m or set(fields) - {"in", "deep", "window-in", "window-deep", "pos"}:
+        raise SparkeeError(f"{usage}, got '{text}'")
+    try:
+        spec = PoolSpec(
+            tau_in=float(fields["in"]),
+            tau_deep=float(m.group(1)),
+            layer=int(m.group(2)),
+            window_in=int(fields.get("window-in", 1)),
+            window_deep=int(fields.get("window-deep", 3)),
+            position=fields.get("pos", "first"),
+            text=text.strip(),
+        )
+    except ValueError:
+        raise SparkeeError(f"{usage}, got '{text}'") from None
+    if spec.window_in < 1 or spec.window_deep < 1:
+        raise SparkeeError("pooling windows must be at least 1")
+    if spec.position not in POSITION_RULES:
+        raise SparkeeError(
+            f"unknown pooled-position rule '{spec.position}': use {' or '.join(POSITION_RULES)}"
+        )
+    return spec
 
 
 @dataclass

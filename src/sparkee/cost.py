@@ -106,6 +106,11 @@ def new_meter(bb) -> CostMeter:
     )
 
 
+def blank_meter(like: CostMeter) -> CostMeter:
+    """An empty meter of the same model as `like`."""
+    return CostMeter(like.layer_params, like.kv_per_pos, like.attn_width, like.hidden, like.vocab)
+
+
 # ---------------------------------------------------------------------------------------------
 # the engine's pass records, and the meters that fold them
 
@@ -139,9 +144,10 @@ class Meters:
     actually ran), both folded from the engine's pass records as they come; `log`, when set to a
     list, keeps every record too."""
 
-    def __init__(self, bb, capacity: int) -> None:
-        self.rows = [new_meter(bb) for _ in range(capacity)]
-        self.batch = new_meter(bb)
+    def __init__(self, bb, capacity: int, like: CostMeter | None = None) -> None:
+        make = (lambda: blank_meter(like)) if like is not None else (lambda: new_meter(bb))
+        self.rows = [make() for _ in range(capacity)]
+        self.batch = make()
         self.log: list[Pass] | None = None
 
     def record(self, p: Pass) -> None:
@@ -238,19 +244,47 @@ class Calibration:
 # predictions
 
 
-def baseline_meter(meter: CostMeter, records, prompt_len: int, full_proj: list[int]) -> CostMeter:
-    """The passes of plain full-depth decoding of the same tokens (prefill excluded, as in the run).
+def full_step_passes(ends: dict[int, int], num_layers: int, proj_elements: int) -> list[Pass]:
+    """The passes of one plain full-depth decode step over the rows `ends` ({row: positions it
+    attends to}): every layer over one position a row, the output projection, the step itself
+    (its fixed work paid once by the batch)."""
+    ones = tuple((b, 1, 0) for b in ends)
+    return [
+        Pass("layers", tuple((b, 1, e) for b, e in ends.items()), len(ends), 0, num_layers),
+        Pass("proj", ones, len(ends), elements=proj_elements),
+        Pass("step", ones, 1, step="full"),
+    ]
 
-    full_proj[k]: weight elements of the output projection a full step k of this run computes.
-    """
-    base = CostMeter(meter.layer_params, meter.kv_per_pos, meter.attn_width, meter.hidden, meter.vocab)
+
+def replay(passes, like: CostMeter) -> CostMeter:
+    """The batch meter of a log of passes, folded the way the engine's passes are (`Meters`)."""
+    passes = list(passes)
+    meters = Meters(None, 1 + max((b for p in passes for b, _, _ in p.rows), default=0), like=like)
+    for p in passes:
+        meters.record(p)
+    return meters.batch
+
+
+def baseline_meter(meter: CostMeter, records, prompt_len: int, full_proj: list[int]) -> CostMeter:
+    """The passes plain full-depth decoding of the same tokens runs, replayed (prefill excluded,
+    as in the run). full_proj[k]: weight elements of the output projection full step k computes."""
     N = len(meter.layer_params)
     # step k >= 1 feeds new token k - 1 at position prompt_len + k - 1, so it sees prompt_len + k positions
-    for k in range(1, len(records)):
-        base.layers(0, N, 1, prompt_len + k)
-        base.matrix(full_proj[k], 1, "proj")
-        base.step("full")
-    return base
+    return replay(
+        (p for k in range(1, len(records)) for p in full_step_passes({0: prompt_len + k}, N, full_proj[k])),
+        meter,
+    )
+
+
+def batch_baseline_meter(meter: CostMeter, prompt_lens: list[int], lengths: list[int]) -> CostMeter:
+    """The passes batched full-depth decoding of the same tokens runs, replayed: each step runs
+    the rows that are still going (row r runs lengths[r] - 1 decode steps after its prefill)."""
+    N, proj = len(meter.layer_params), meter.hidden * meter.vocab
+    steps = (
+        {r: P + s for r, (P, n) in enumerate(zip(prompt_lens, lengths, strict=True)) if n > s}
+        for s in range(1, max(lengths, default=0))
+    )
+    return replay((p for ends in steps for p in full_step_passes(ends, N, proj)), meter)
 
 
 def compare(meter: CostMeter, base: CostMeter, calibration: Calibration | None) -> tuple:

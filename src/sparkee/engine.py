@@ -55,14 +55,15 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import cost, hf
-from .accept import EXACT, AcceptRule, Evidence, entropy, parse_accept, resolve_distance, token_of
+from .accept import EXACT, AcceptRule, parse_accept, resolve_distance
 from .backbone import Backbone
 from .cache import LayeredKVCache, RowView
-from .config import GenerationConfig, calibration_wanted
+from .config import GenerationConfig, PoolSpec, calibration_wanted
 from .cost import CostMeter
 from .errors import SparkeeError
+from .evidence import Evidence, entropy, token_of
 from .heads import ExitHeads
-from .pooling import PoolSpec, affinity_groups, pool
+from .pooling import affinity_groups, pool
 from .schedule import (
     Policy,
     TrackerState,
@@ -328,7 +329,7 @@ class Engine:
         """Stats of the batch of `rows` as a whole (generate_batch's `batch_*` keys)."""
         run = self._run
         traces = [run.traces[b] for b in rows]
-        return batch_stats(run.batch_meter, traces, self.bb.num_layers, decode_s, calibration)
+        return batch_stats(run.batch_meter, traces, decode_s, calibration)
 
 
 @dataclass
@@ -416,7 +417,7 @@ def _step(run: _Run, rows: list[int]) -> None:
     live = {rp.row: rp for rp in plans}
     if run.draft is not None:
         run.draft_need = {rp.row for rp in plans if rp.depth < N}
-    at = 0
+    at, early = 0, []
     for depth in sorted({rp.depth for rp in plans if rp.depth < N}):
         carry = run.run_layers(carry, range(at, depth))
         at = depth
@@ -433,20 +434,39 @@ def _step(run: _Run, rows: list[int]) -> None:
                 s = carry.start[j]
                 run.pend_h[b, s : s + carry.count[j]] = carry.h[j, : carry.count[j]]
                 _emit_early(run, b, head_logits[n], rp, filled=tr.pos - s)
+                early.append(b)
             else:
                 rp.action, rp.depth = "fallback", N  # confidence too low: run on to the top
                 keep.append(j)
         carry = carry.select(sorted(keep))
         if not carry.rows:
             run.draft_need = set()
-            run.record_step("early", {}, batch=1)
+            _record_fixed_work(run, early, None, live)
             return
     run.draft_need = set()
-    # a step's fixed work (embedding, masks, dispatch) is paid once for the whole batch, at the
-    # cost of its deepest kind; per-row work is in the passes and the checks
-    run.record_step("full", {}, batch=1)
     carry = run.run_layers(carry, range(at, N))
+    _record_fixed_work(run, early, carry, live)
     _finish_full(run, carry, live)
+
+
+def _record_fixed_work(
+    run: _Run, early: list[int], carry: _Carry | None, live: dict[int, _RowPlan] | None
+) -> None:
+    """Tell the cost model a step's fixed work (the passes tell it their own): the batch's, paid
+    once at the cost of its deepest kind (embedding, masks, dispatch); each row's own step kind;
+    and the check of each pending early token (`live` None: a flush, which checks only)."""
+    if live is not None:
+        run.record_step("early" if carry is None else "full", {}, batch=1)
+        for b in early:
+            run.record_step("early", {b: 1})
+    if carry is None:
+        return
+    for b, c in zip(carry.rows, carry.count, strict=True):
+        if live is not None:
+            run.record_step(live[b].action, {b: 1})
+        n_pending = c - (1 if live is not None else 0)
+        if n_pending:
+            run.record_step("check", {b: n_pending}, batch=n_pending)
 
 
 def _emit_early(run: _Run, b: int, logits: torch.Tensor, rp: _RowPlan, filled: int) -> None:
@@ -462,7 +482,6 @@ def _emit_early(run: _Run, b: int, logits: torch.Tensor, rp: _RowPlan, filled: i
     rec = StepRecord(tr.pos, token, rp.modality, rp.depth, "early", filled=filled)
     rec.misplanned = misplanned(rp.modality, plan.kind_of(token))
     tr.append(rec, rp.state)
-    run.record_step("early", {b: 1})
 
 
 def _finish_full(run: _Run, carry: _Carry, live: dict[int, _RowPlan] | None) -> None:
@@ -483,12 +502,6 @@ def _finish_full(run: _Run, carry: _Carry, live: dict[int, _RowPlan] | None) -> 
     for b, s, c in zip(carry.rows, carry.start, carry.count, strict=True):
         tr = run.traces[b]
         n_pending = c - (1 if live is not None else 0)
-        # the fixed work of the step, for the calibrated cost model: the step itself, and the
-        # check of each pending early token
-        if live is not None:
-            run.record_step(live[b].action, {b: 1})
-        if n_pending:
-            run.record_step("check", {b: n_pending}, batch=n_pending)
         before = len(tr.records) + (live is not None)  # steps this row has run, its own included
         if _check_pending(run, b, full, restricted, first, s, n_pending):
             if live is not None:
@@ -531,6 +544,7 @@ def _flush(run: _Run, rows: list[int]) -> list[int]:
     carry = _Carry(pending, h, [run.traces[b].pos for b in pending], [0] * len(pending))
     carry = run.run_layers(carry, range(N))
     before = {b: run.traces[b].rejections for b in pending}
+    _record_fixed_work(run, [], carry, None)
     _finish_full(run, carry, None)
     return [b for b in pending if run.traces[b].rejections > before[b] and _unfinished(run, b)]
 

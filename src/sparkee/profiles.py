@@ -22,10 +22,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import GenerationConfig
+from .accept import AcceptRule
+from .config import GenerationConfig, PoolSpec
 from .errors import SparkeeError
+from .heads import read_metadata, resolve_heads
 from .schedule import Interleave, Policy
 from .sources import PromptItem, load_tokenizer, read_prompt_file
+from .store import file_digest
 
 REFSLM_META = "sparkee_refslm.json"
 REFSLM_SOURCE = "refslm:"
@@ -424,8 +427,6 @@ def config_json(cfg: GenerationConfig) -> dict:
     """A JSON-able view of a config (for manifests and work-directory keys). Policies and rules
     show as their spec strings, so a config holding parsed specs and one holding the strings they
     came from give the same view."""
-    from .accept import AcceptRule
-    from .pooling import PoolSpec
 
     def plain(v):
         if isinstance(v, (Policy, AcceptRule)):
@@ -438,3 +439,38 @@ def config_json(cfg: GenerationConfig) -> dict:
     return json.loads(
         json.dumps(view, default=lambda v: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else str(v))
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# heads by name: --heads FILE | logit-lens | bundled, and a row's @HEADS
+
+
+def load_row_heads(rows, profile: ModelProfile, bb) -> tuple[dict, dict[str, str]]:
+    """The heads eval rows name with @HEADS ('bundled': the model profile's), loaded once each,
+    and what the manifest records for them."""
+    loaded, identity = {}, {}
+    for spec in sorted({r.heads for r in rows if r.heads is not None}):
+        loaded[spec] = heads_of(spec, profile, bb)
+        identity[spec] = heads_identity(heads_path(spec, profile))
+    return loaded, identity
+
+
+def heads_path(spec: str, profile: ModelProfile) -> str:
+    """A --heads value with 'bundled' replaced by the file of heads the model ships with."""
+    if spec != "bundled":
+        return spec
+    if not getattr(profile, "heads", None):
+        raise SparkeeError("--heads bundled: this model comes with no heads; give a heads file or logit-lens")
+    return str(profile.heads)
+
+
+def heads_of(spec: str, profile: ModelProfile, bb):
+    """The exit heads a --heads value (or a row's @HEADS) names."""
+    return resolve_heads(heads_path(spec, profile), bb)
+
+
+def heads_identity(spec: str) -> str:
+    """What the manifest records for `--heads`: 'logit-lens', or the file's kind and content hash."""
+    if spec == "logit-lens":
+        return spec
+    return f"{read_metadata(spec)['head_type']}:{file_digest(spec)}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
-from .cost import Calibration, CostMeter, baseline_meter, compare
+from .cost import Calibration, CostMeter, baseline_meter, batch_baseline_meter, compare
 from .trace import StepRecord
 
 
@@ -243,16 +243,10 @@ def compute_stats(
     )
 
 
-def batch_stats(meter: CostMeter, traces, num_layers: int, decode_s: float, calibration) -> BatchStats:
+def batch_stats(meter: CostMeter, traces, decode_s: float, calibration) -> BatchStats:
     """The batch's `BatchStats` from its batch meter (one step's fixed work counted once)."""
     lengths = [len(t.records) for t in traces]
-    base = CostMeter(meter.layer_params, meter.kv_per_pos, meter.attn_width, meter.hidden, meter.vocab)
-    for s in range(1, max(lengths)):
-        live = [t for t, n in zip(traces, lengths, strict=True) if n > s]
-        ctx = max(t.prompt_len + s for t in live)
-        base.layers(0, num_layers, len(live), ctx, seqs=len(live))
-        base.matrix(meter.hidden * meter.vocab, len(live), "proj")
-        base.step("full")  # once per batch step, as the engine's batch meter counts it
+    base = batch_baseline_meter(meter, [t.prompt_len for t in traces], lengths)
     pred_mem, pred_cal, t, t_base = compare(meter, base, calibration)
     return BatchStats(
         batch_size=len(traces),

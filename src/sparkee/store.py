@@ -17,6 +17,15 @@ from pathlib import Path
 import torch
 
 
+def file_digest(path: str | Path) -> str:
+    """A file's content hash (16 hex digits of its SHA-256): what manifests record of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SPARKEE_CACHE") or Path.home() / ".cache" / "sparkee")
 

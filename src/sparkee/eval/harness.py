@@ -26,12 +26,11 @@ from pathlib import Path
 
 from ..accept import EXACT, AcceptRule, parse_accept
 from ..backbone import Backbone
-from ..config import GenerationConfig, group_by_config
+from ..config import GenerationConfig, PoolSpec, group_by_config, parse_pool
 from ..engine import check_config
 from ..errors import SparkeeError
 from ..generate import generate, generate_batch
 from ..heads import ExitHeads
-from ..pooling import PoolSpec, parse_pool
 from ..progress import Progress
 from ..schedule import Policy, parse_pair, parse_policy
 from ..scoring import accuracy, verdict, wer
@@ -240,14 +239,6 @@ def code_version() -> str:
     for f in sorted(root.rglob("*.py")):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def prepare_out(out: Path, manifest: dict, fresh: bool) -> None:
