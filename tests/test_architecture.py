@@ -36,7 +36,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("export", "labels", "eval", "analysis"),
     ("profiles",),
     ("train_heads", "serve", "integrations", "__init__"),
-    ("cli",),
+    ("cli", "options", "models.cli", "refslm.cli"),  # the command line: its options, its command groups
 ]
 PURE = ("errors", "syntax", "schedule", "accept", "config", "scoring", "plugin")  # never import torch
 

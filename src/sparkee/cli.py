@@ -1,181 +1,53 @@
 """Command line: one thin function per command. Parsing and messages here, logic elsewhere.
 
-Defaults come from the model's profile (profiles.py) through `resolve_config`; the six decoding
-options every model-running command shares are defined once (`DECODING_OPTIONS`). Every bad input
-ends with one sentence on stderr and exit status 2, never a traceback; Ctrl-C exits with 130.
+Defaults come from the model's profile (profiles.py) through `resolve_config`. Options that several
+commands share are declared once, in options.py (single options and option groups). Every bad
+input ends with one sentence on stderr and exit status 2, never a traceback; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
-import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 import typer
 
 from .errors import SparkeeError
-from .schedule import FORMATS
-from .syntax import ACCEPT_SYNTAX, POLICY_SYNTAX
+from .options import (
+    POOL_SYNTAX,
+    CheckpointOpt,
+    DataOpt,
+    DecodingArgs,
+    DeviceOpt,
+    DtypeOpt,
+    HeadsOpt,
+    LimitOpt,
+    MaxNewTokensOpt,
+    MeasureArgs,
+    PlainKernelsOpt,
+    RepetitionOpt,
+    RuntimeArgs,
+    SamplingArgs,
+    UnitDistanceOpt,
+    check_at_least,
+    check_out_dir,
+    decoding_options,
+    measure_options,
+    parse_ids,
+    pool_option,
+    runtime_options,
+    sampling_options,
+)
 
 if TYPE_CHECKING:  # the CLI imports its heavy modules inside the commands, so startup stays fast
-    from .config import PoolSpec
     from .eval.harness import EvalRun
     from .profiles import ModelProfile
     from .sources import PromptItem
-
-# help text: rich cuts words longer than the help column (24 characters at 80 columns)
-POOL_SYNTAX = (
-    "in=T1,deep=T2@L (cosine thresholds T1 at the input and T2 after layer L), optionally "
-    "followed by ,window-in=W ,window-deep=W ,pos=first or ,pos=mean"
-)
-
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
-CompileOpt = Annotated[
-    bool,
-    typer.Option(
-        "--compile",
-        help="torch.compile each step kind once (CUDA: mode reduce-overhead, i.e. CUDA graphs).",
-    ),
-]
-PlainKernelsOpt = Annotated[
-    bool,
-    typer.Option(
-        "--plain-kernels",
-        help="CPU: keep torch's default linear kernels instead of those measured fastest here.",
-    ),
-]
-NoCalibrateOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-calibrate",
-        help="Predict speed-ups with the weight-read model, not this machine's measured costs.",
-    ),
-]
-UnitDistanceOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--unit-distance",
-        help="Plug-in of the unit-distance rule: refslm, refslm-phone-class or module:attr "
-        "(default: the model's own).",
-    ),
-]
-RepetitionOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--repetition-penalty",
-        help="transformers' repetition penalty on every step kind (default: 1, or the preset's).",
-    ),
-]
-
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="0 = off (the default).")]
-SpeechVocabOnlyOpt = Annotated[
-    bool,
-    typer.Option("--speech-vocab-only", help="At speech steps project onto speech and control ids only."),
-]
-VocabAuditOpt = Annotated[
-    bool,
-    typer.Option(
-        "--vocab-audit/--no-vocab-audit",
-        help="Count tokens --speech-vocab-only changed (costs a full projection).",
-    ),
-]
-CheckpointOpt = Annotated[
-    Path, typer.Option("--model", help="Hugging Face checkpoint directory (Qwen2, Llama or Glm layout).")
-]
-HeadsOpt = Annotated[
-    str,
-    typer.Option(
-        "--heads",
-        help="Exit heads: a heads file (.safetensors), 'logit-lens', or 'bundled' (the heads the model ships with: the reference SLM's).",
-    ),
-]
-DataOpt = Annotated[
-    str,
-    typer.Option(
-        "--data",
-        help="Prompts: a JSONL file (eval: with 'accepted' answers), a datasets directory, or refslm:train / refslm:test.",
-    ),
-]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use the first N prompts only.")]
-MaxNewTokensOpt = Annotated[
-    int, typer.Option("--max-new-tokens", help="Tokens to generate per prompt at most.")
-]
-# the sampling and verification options of generate and serve (a server's requests may override them)
-SpeechPolicyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--speech-policy",
-        help=f"Exit policy of speech steps: {POLICY_SYNTAX} (default: full, or the preset's).",
-    ),
-]
-TextPolicyOpt = Annotated[
-    str | None, typer.Option("--text-policy", help="Exit policy of text steps, same syntax (default: full).")
-]
-TemperatureOpt = Annotated[
-    float | None, typer.Option("--temperature", help="0 = greedy (default: 0, or the preset's).")
-]
-TopPOpt = Annotated[
-    float | None, typer.Option("--top-p", help="Nucleus sampling mass (default: 1, or the preset's).")
-]
-VerifyOpt = Annotated[
-    bool,
-    typer.Option(
-        "--verify",
-        help="Verified mode: check early tokens against the last layer, reject by --accept (exact: lossless).",
-    ),
-]
-AcceptOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--accept",
-        help=f"Acceptance rule of verified mode at speech steps: {ACCEPT_SYNTAX} (default: exact).",
-    ),
-]
-
-# the decoding options shared by generate, train-heads, layer-report and eval (None: the model's own)
-DECODING_OPTIONS = {
-    "preset": Annotated[
-        str | None,
-        typer.Option(
-            "--preset", help="glm-4-voice | step-audio-2-mini: that model's interleave, ids, stops, sampling."
-        ),
-    ],
-    "interleave": Annotated[
-        str | None,
-        typer.Option(
-            "--interleave",
-            help="T:S text:speech ratio (default: the model's own, else all text; 0:1 = all speech).",
-        ),
-    ],
-    "fmt": Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            help=f"{' | '.join(FORMATS)} (early-stop = ESI: every step after the text-end token is speech).",
-        ),
-    ],
-    "text_end_id": Annotated[
-        int | None, typer.Option("--text-end-id", help="Token that ends the text in the early-stop format.")
-    ],
-    "speech_ids": Annotated[
-        str | None, typer.Option("--speech-ids", help="Speech token ids as a half-open range START:END.")
-    ],
-    "stop_ids": Annotated[
-        str | None,
-        typer.Option(
-            "--stop-ids",
-            help="Stop ids, separated by commas or spaces; '' for none (default: the model's EOS).",
-        ),
-    ],
-}
 
 app = typer.Typer(
     help="sparkee: faster decoding for interleaved spoken language models (SPAR-K scheduled early exit).",
@@ -209,142 +81,18 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
-@dataclass
-class DecodingArgs:
-    """The shared decoding options as given on the command line (None: not given)."""
-
-    preset: str | None = None
-    interleave: str | None = None
-    fmt: str | None = None
-    text_end_id: int | None = None
-    speech_ids: str | None = None
-    stop_ids: str | None = None
-
-    def profile(self, model: Path, bb=None) -> ModelProfile:
-        from .profiles import load_profile
-
-        return load_profile(model, self.preset, bb)
-
-    def overrides(self) -> dict:
-        """The options as `resolve_config` overrides."""
-        from .schedule import parse_pair
-
-        if self.fmt is not None and self.fmt not in FORMATS:
-            raise SparkeeError(f"unknown format '{self.fmt}': use {', '.join(FORMATS)}")
-        return {
-            "interleave": parse_pair(self.interleave, "--interleave") if self.interleave else None,
-            "format": self.fmt,
-            "text_end_id": self.text_end_id,
-            "speech_ids": parse_pair(self.speech_ids, "--speech-ids") if self.speech_ids else None,
-            "stop_ids": parse_ids(self.stop_ids, "--stop-ids", allow_empty=True)
-            if self.stop_ids is not None
-            else None,
-        }
-
-
-def decoding_options(fn: Callable) -> Callable:
-    """Give a command the shared decoding options; it receives them as `decoding: DecodingArgs`."""
-    sig = inspect.signature(fn, eval_str=True)
-    kept = [p for p in sig.parameters.values() if p.name != "decoding"]
-    extra = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann)
-        for name, ann in DECODING_OPTIONS.items()
-    ]
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        decoding = DecodingArgs(**{name: kwargs.pop(name, None) for name in DECODING_OPTIONS})
-        return fn(*args, decoding=decoding, **kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=kept + extra)
-    wrapper.__annotations__ = {p.name: p.annotation for p in kept + extra}
-    return wrapper
-
-
 # ---------------------------------------------------------------------------------------------
 # checks of single options
 
 
-def parse_ids(text: str, what: str, allow_empty: bool = False) -> list[int]:
-    """Token ids separated by commas and/or spaces ("1,2,3", "1 2 3", "1, 2, 3")."""
-    parts = re.split(r"\s*,\s*|\s+", text.strip()) if text.strip() else []
-    if any(not re.fullmatch(r"[0-9]+", p) for p in parts):
-        raise SparkeeError(f"{what} must be whole numbers separated by commas or spaces, got '{text}'")
-    if not parts and not allow_empty:
-        raise SparkeeError(f"{what} is empty: give at least one token id")
-    return [int(p) for p in parts]
-
-
-def pool_option(text: str, num_layers: int | None = None) -> PoolSpec:
-    """A --prefill-pool value, refusing what parse_pool lets through (empty, NaN or infinite)."""
-    from .config import parse_pool
-
-    if not text.strip():
-        raise SparkeeError(f"--prefill-pool is empty: it must look like {POOL_SYNTAX}")
-    spec = parse_pool(text)
-    if not (math.isfinite(spec.tau_in) and math.isfinite(spec.tau_deep)):
-        raise SparkeeError(f"--prefill-pool thresholds must be finite numbers, got '{text}'")
-    if num_layers is not None:
-        spec.check(num_layers)
-    return spec
-
-
-def parsed_specs(speech_policy: str | None, text_policy: str | None, accept: str | None) -> dict:
-    """--speech-policy, --text-policy and --accept parsed once, as `resolve_config` overrides
-    (None: the model's own); the engine takes the objects as they are."""
-    from .accept import parse_accept
-    from .schedule import parse_policy
-
-    return {
-        "speech_policy": None if speech_policy is None else parse_policy(speech_policy),
-        "text_policy": None if text_policy is None else parse_policy(text_policy),
-        "accept": None if accept is None else parse_accept(accept),
-    }
-
-
-def sampling_overrides(
-    max_new_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    verify: bool,
-    unit_distance: str | None,
-    repetition_penalty: float | None,
-    speech_vocab_only: bool,
-    vocab_audit: bool,
-) -> dict:
-    """The decoding options generate and serve share, as resolve_config overrides: None keeps the
-    profile's setting, so flags only switch on."""
-    return {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "verify": verify or None,
-        "unit_distance": unit_distance,
-        "repetition_penalty": repetition_penalty,
-        "speech_vocab_only": speech_vocab_only or None,
-        "audit_vocab": None if vocab_audit else False,
-    }
-
-
-def load_configured(
-    model: Path,
-    decoding: DecodingArgs,
-    options: dict,
-    dtype: str,
-    device: str,
-    plain_kernels: bool,
-    compile_steps: bool,
-):
-    """(backbone, profile, config): the model loaded with its fast paths, its profile, and the
+def load_configured(model: Path, decoding: DecodingArgs, runtime: RuntimeArgs, options: dict):
+    """(backbone, profile, config): the model loaded as `runtime` says, its profile, and the
     profile's config with the command's options over it (option values are checked first, so a
     bad one fails before the model loads)."""
-    from .backbone import load_model
     from .profiles import resolve_config
 
-    overrides = decoding.overrides()
-    bb = load_model(model, dtype=dtype, device=device, fast=not plain_kernels, compile=compile_steps)
+    overrides = decoding.overrides() | runtime.overrides()
+    bb = runtime.load(model)
     profile = decoding.profile(model, bb)
     return bb, profile, resolve_config(profile, overrides | options)
 
@@ -357,16 +105,6 @@ def calibrate_before_timing(bb, heads, cfg) -> None:
 
     if calibration_wanted(cfg):
         load_or_calibrate(bb, heads)
-
-
-def check_at_least(value: int | None, least: int, option: str) -> None:
-    if value is not None and value < least:
-        raise SparkeeError(f"{option} must be at least {least}, got {value}")
-
-
-def check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise SparkeeError(f"--out '{out}' is a file; give a directory")
 
 
 def load_data(
@@ -386,12 +124,12 @@ def load_data(
 
 @app.command()
 @friendly
+@runtime_options
 @decoding_options
+@sampling_options
 def generate(
     model: CheckpointOpt,
     heads: HeadsOpt = "logit-lens",
-    speech_policy: SpeechPolicyOpt = None,
-    text_policy: TextPolicyOpt = None,
     prompt: str = typer.Option(
         None,
         "--prompt",
@@ -401,16 +139,7 @@ def generate(
         None, "--prompt-ids", help="Prompt token ids, separated by commas or spaces."
     ),
     max_new_tokens: MaxNewTokensOpt = 64,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
     seed: int = typer.Option(None, "--seed"),
-    verify: VerifyOpt = False,
-    accept: AcceptOpt = None,
-    unit_distance: UnitDistanceOpt = None,
-    repetition_penalty: RepetitionOpt = None,
-    speech_vocab_only: SpeechVocabOnlyOpt = False,
-    vocab_audit: VocabAuditOpt = True,
     prefill_pool: str = typer.Option(
         None, "--prefill-pool", help=f"Affinity Pooling of the speech input: {POOL_SYNTAX}."
     ),
@@ -425,11 +154,6 @@ def generate(
         "--history",
         help="Dialogue history (JSON or JSONL; docs: real-models.md): --prompt becomes its next user turn (presets).",
     ),
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    compile_steps: CompileOpt = False,
-    plain_kernels: PlainKernelsOpt = False,
-    no_calibrate: NoCalibrateOpt = False,
     as_json: bool = typer.Option(
         False,
         "--json",
@@ -438,6 +162,8 @@ def generate(
     trace: bool = typer.Option(False, "--trace", help="With --json, add the per-step records."),
     *,
     decoding: DecodingArgs,
+    sampling: SamplingArgs,
+    runtime: RuntimeArgs,
 ) -> None:
     """Generate with scheduled early exit and print the tokens, the per-step trace and stats."""
     from .profiles import heads_of
@@ -454,15 +180,10 @@ def generate(
     check_at_least(batch_size, 1, "--batch-size")
     if batch_size > 1 and prompts_file is None:
         raise SparkeeError("--batch-size decodes several prompts together: give them with --prompts-file")
-    specs = parsed_specs(speech_policy, text_policy, accept)  # bad ones fail before the model loads
     ids = parse_ids(prompt_ids, "--prompt-ids") if prompt_ids is not None else None
     pool = pool_option(prefill_pool) if prefill_pool is not None else None
-    options = specs | sampling_overrides(
-        max_new_tokens, temperature, top_p, top_k, verify, unit_distance, repetition_penalty,
-        speech_vocab_only, vocab_audit,
-    )  # fmt: skip
-    options |= {"seed": seed, "prefill_pool": pool, "calibrate": False if no_calibrate else None}
-    bb, profile, cfg = load_configured(model, decoding, options, dtype, device, plain_kernels, compile_steps)
+    options = sampling.overrides() | {"max_new_tokens": max_new_tokens, "seed": seed, "prefill_pool": pool}
+    bb, profile, cfg = load_configured(model, decoding, runtime, options)
     exit_heads = heads_of(heads, profile, bb)
     fmt = cfg.interleave.format if cfg.interleave else None
     if prompts_file is not None:
@@ -797,7 +518,9 @@ def _measure_notes(model: Path, batch_size: int = 1) -> str:
 
 @app.command("eval")
 @friendly
+@runtime_options
 @decoding_options
+@measure_options
 def eval_cmd(
     model: CheckpointOpt,
     heads: HeadsOpt = "logit-lens",
@@ -834,9 +557,6 @@ def eval_cmd(
     ),
     unit_distance: UnitDistanceOpt = None,
     repetition_penalty: RepetitionOpt = None,
-    compile_steps: CompileOpt = False,
-    plain_kernels: PlainKernelsOpt = False,
-    no_calibrate: NoCalibrateOpt = False,
     prefill_pool: list[str] = typer.Option(
         None,
         "--prefill-pool",
@@ -844,17 +564,6 @@ def eval_cmd(
     ),
     out: Path = typer.Option(Path("sparkee-eval"), "--out", help="Output directory (resumed when rerun)."),
     limit: LimitOpt = None,
-    vocoder: str = typer.Option(
-        "auto", "--vocoder", help="refslm-espeak | module:attr | none (auto: espeak for the reference SLM)."
-    ),
-    transcriber: str = typer.Option(
-        None, "--transcriber", help="Token-level transcriber: refslm-lexicon | module:attr."
-    ),
-    asr: str = typer.Option(None, "--asr", help="Waveform ASR: pocketsphinx | module:attr."),
-    mos: str = typer.Option(None, "--mos", help="dnsmos | module:attr."),
-    judge: str = typer.Option("contains", "--judge", help="contains | module:attr (or give --judge-url)."),
-    judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint for an LLM judge."),
-    judge_model: str = typer.Option("judge", "--judge-model"),
     audio_examples: int = typer.Option(
         3, "--audio-examples", help="Keep WAVs (and report players) for the first N examples."
     ),
@@ -862,14 +571,12 @@ def eval_cmd(
         False, "--fresh", help="Replace results already in --out instead of resuming."
     ),
     max_new_tokens: MaxNewTokensOpt = 200,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
     *,
     decoding: DecodingArgs,
+    runtime: RuntimeArgs,
+    measure: MeasureArgs,
 ) -> None:
     """Decode every example under every policy and write Table 2 (MD/CSV/JSON), plots and report.html."""
-    from .backbone import load_model
-    from .eval import plugins
     from .eval.harness import EvalRun, parse_rows
     from .profiles import (
         config_json,
@@ -893,7 +600,7 @@ def eval_cmd(
     for p in pools:
         pool_option(p)
     overrides = decoding.overrides()
-    bb = load_model(model, dtype=dtype, device=device, fast=not plain_kernels, compile=compile_steps)
+    bb = runtime.load(model)
     profile = decoding.profile(model, bb)
     if frontier:
         from .eval.harness import frontier_rows
@@ -907,17 +614,16 @@ def eval_cmd(
     cfg = resolve_config(
         profile,
         overrides
+        | runtime.overrides()
         | {
             "max_new_tokens": max_new_tokens,
             "unit_distance": unit_distance,
             "repetition_penalty": repetition_penalty,
-            "calibrate": False if no_calibrate else None,
         },
     )
     calibrate_before_timing(bb, exit_heads, cfg)
     prompts, digest = load_data(profile, data, decoding.fmt, limit)
-    the_judge = plugins.HttpJudge(judge_url, judge_model) if judge_url else plugins.resolve("judge", judge)
-    measures = profile.measures(cfg, vocoder, transcriber, asr, mos, the_judge)
+    measures = measure.measures(profile, cfg)
     manifest = {
         "model": bb.fingerprint(),
         "heads": heads_identity(heads_path(heads, profile)),
@@ -926,13 +632,7 @@ def eval_cmd(
         "decoding": config_json(cfg),
         "verify": verify,
         "batch_size": batch_size,  # the same tokens, but timings of another kind
-        "measures": {
-            "vocoder": vocoder,
-            "transcriber": transcriber,
-            "asr": asr,
-            "mos": mos,
-            "judge": f"{judge_url} {judge_model}" if judge_url else judge,
-        },
+        "measures": measure.manifest(),
     }
     run = EvalRun(
         bb,
@@ -1079,26 +779,17 @@ def demo(
 
 @app.command()
 @friendly
+@runtime_options
 @decoding_options
+@sampling_options
 def serve(
     model: CheckpointOpt,
     heads: HeadsOpt = "logit-lens",
-    speech_policy: SpeechPolicyOpt = None,
-    text_policy: TextPolicyOpt = None,
     max_new_tokens: int = typer.Option(
         None,
         "--max-new-tokens",
         help="Answer length when a request gives no max_tokens (default: the model's).",
     ),
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    verify: VerifyOpt = False,
-    accept: AcceptOpt = None,
-    unit_distance: UnitDistanceOpt = None,
-    repetition_penalty: RepetitionOpt = None,
-    speech_vocab_only: SpeechVocabOnlyOpt = False,
-    vocab_audit: VocabAuditOpt = True,
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Address to listen on (loopback by default; others are your choice)."
     ),
@@ -1120,11 +811,6 @@ def serve(
     request_timeout: float = typer.Option(
         600.0, "--request-timeout", help="Seconds before a request is dropped."
     ),
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    compile_steps: CompileOpt = False,
-    plain_kernels: PlainKernelsOpt = False,
-    no_calibrate: NoCalibrateOpt = False,
     threads: int = typer.Option(
         None,
         "--threads",
@@ -1132,12 +818,14 @@ def serve(
     ),
     *,
     decoding: DecodingArgs,
+    sampling: SamplingArgs,
+    runtime: RuntimeArgs,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat completions with streamed text and
     audio, completions, metrics, a browser page) with continuous batching."""
     from .profiles import heads_of
 
-    specs = parsed_specs(speech_policy, text_policy, accept)  # bad ones fail before the model loads
+    options = sampling.overrides() | {"max_new_tokens": max_new_tokens}  # bad specs fail before loading
     check_at_least(max_batch_size, 1, "--max-batch-size")
     check_at_least(max_queue, 0, "--max-queue")
     check_at_least(max_len, 2, "--max-len")
@@ -1159,11 +847,7 @@ def serve(
     # an OpenMP pool on every core spins while the engine thread waits, starving the event loop
     # and the vocoder: on 2 cores one torch thread served 2.6x the tokens/s of two (bench/serve_load.py)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    options = specs | sampling_overrides(
-        max_new_tokens, temperature, top_p, top_k, verify, unit_distance, repetition_penalty,
-        speech_vocab_only, vocab_audit,
-    )  # fmt: skip
-    bb, profile, cfg = load_configured(model, decoding, options, dtype, device, plain_kernels, compile_steps)
+    bb, profile, cfg = load_configured(model, decoding, runtime, options)
     exit_heads = heads_of(heads, profile, bb)
     server = serving.build_server(
         bb,
@@ -1177,7 +861,7 @@ def serve(
         vocoder,
         api_key,
         request_timeout,
-        calibrate=not no_calibrate,
+        calibrate=not runtime.no_calibrate,
     )
     if host not in serving.LOOPBACK:
         typer.echo(

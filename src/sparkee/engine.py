@@ -1101,7 +1101,32 @@ def _finite(x: float) -> bool:
 
 
 def make_plan(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig, prompt_len: int) -> Plan:
+    """Check a config against a model and its heads, once, and resolve it into a row's plan."""
     N, V = bb.num_layers, bb.vocab_size
+    _check_lengths_and_sampling(bb, cfg, prompt_len)
+    sp, tp = _policies(cfg, heads, N)
+    rule, distance = _acceptance(cfg)
+    _check_token_ids(cfg, V)
+    draft = frozenset(p.layer for p in (sp, tp) if p.uses_heads) if heads.attends else frozenset()
+    _check_pooling(cfg, N, draft)
+    control = set(int(t) for t in cfg.stop_ids) | set(int(t) for t in cfg.control_ids or [])
+    return Plan(
+        bb,
+        heads,
+        cfg,
+        sp,
+        tp,
+        rule,
+        distance,
+        _speech_set(bb, heads, cfg),
+        frozenset(int(t) for t in cfg.stop_ids),
+        frozenset(control),
+        prompt_len + cfg.max_new_tokens + 1,
+        draft,
+    )
+
+
+def _check_lengths_and_sampling(bb: Backbone, cfg: GenerationConfig, prompt_len: int) -> None:
     if cfg.max_new_tokens < 1:
         raise SparkeeError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     limit = context_limit(bb)
@@ -1116,10 +1141,14 @@ def make_plan(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig, prompt_len:
         raise SparkeeError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
     if cfg.repetition_penalty <= 0:
         raise SparkeeError(f"repetition_penalty must be positive, got {cfg.repetition_penalty}")
+
+
+def _policies(cfg: GenerationConfig, heads: ExitHeads, num_layers: int) -> tuple[Policy, Policy]:
+    """(speech, text) policies, parsed if still strings, checked against the depth and the heads."""
     sp = cfg.speech_policy if isinstance(cfg.speech_policy, Policy) else parse_policy(cfg.speech_policy)
     tp = cfg.text_policy if isinstance(cfg.text_policy, Policy) else parse_policy(cfg.text_policy)
     for pol in (sp, tp):
-        pol.check_layers(N)
+        pol.check_layers(num_layers)
         if pol.uses_heads and not heads.has(pol.layer):
             raise SparkeeError(
                 f"the {heads.kind} heads have no head for exit layer {pol.layer} (they cover layers {heads.layers})"
@@ -1128,14 +1157,24 @@ def make_plan(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig, prompt_len:
         raise SparkeeError("these heads are restricted to a token set, so they cannot serve text steps")
     if tp.kind == "adaptive":
         raise SparkeeError("spar-k:adaptive is a speech policy: its run length follows speech refreshes")
+    return sp, tp
+
+
+def _acceptance(cfg: GenerationConfig) -> tuple[AcceptRule, Callable[[int, int], float] | None]:
+    """The acceptance rule and, when it asks for one, its unit-distance plug-in."""
     rule = parse_accept(cfg.accept)
-    distance = None
-    if rule.needs_distance:
-        distance = resolve_distance(cfg.unit_distance)
-        if distance is None:
-            raise SparkeeError(
-                "acceptance rule unit-distance needs a distance plug-in (--unit-distance refslm|module:attr)"
-            )
+    if not rule.needs_distance:
+        return rule, None
+    distance = resolve_distance(cfg.unit_distance)
+    if distance is None:
+        raise SparkeeError(
+            "acceptance rule unit-distance needs a distance plug-in (--unit-distance refslm|module:attr)"
+        )
+    return rule, distance
+
+
+def _check_token_ids(cfg: GenerationConfig, V: int) -> None:
+    """The speech range and every special token id lie inside the vocabulary."""
     if cfg.speech_ids is not None:
         a, b = cfg.speech_ids
         if not 0 <= a < b <= V:
@@ -1150,41 +1189,32 @@ def make_plan(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig, prompt_len:
         raise SparkeeError(f"text-end id {il.text_end_id} is outside the vocabulary (0..{V - 1})")
     if il and il.format == "auto" and cfg.speech_ids is None:
         raise SparkeeError("the auto interleave format needs the speech token range (--speech-ids A:B)")
-    draft = frozenset(p.layer for p in (sp, tp) if p.uses_heads) if heads.attends else frozenset()
-    if draft and cfg.prefill_pool is not None:
+
+
+def _check_pooling(cfg: GenerationConfig, num_layers: int, draft: frozenset[int]) -> None:
+    if cfg.prefill_pool is None:
+        return
+    if draft:
         raise SparkeeError(
             "adapter heads attend over every prompt position, so they cannot follow --prefill-pool "
             "(which drops positions): use tuned-lens heads with pooling"
         )
-    if cfg.prefill_pool is not None:
-        cfg.prefill_pool.check(N)
-        if cfg.speech_ids is None:
-            raise SparkeeError(
-                "--prefill-pool needs the speech token range (--speech-ids A:B) to know what may merge"
-            )
-    speech_set = None
-    if cfg.speech_vocab_only:
-        if heads.token_ids is not None:
-            speech_set = heads.token_ids
-        elif cfg.speech_ids is not None:
-            speech_set = speech_token_set(cfg, V).to(bb.lm_head.weight.device)
-        else:
-            raise SparkeeError("--speech-vocab-only needs the speech token range (--speech-ids A:B)")
-    control = set(int(t) for t in cfg.stop_ids) | set(int(t) for t in cfg.control_ids or [])
-    return Plan(
-        bb,
-        heads,
-        cfg,
-        sp,
-        tp,
-        rule,
-        distance,
-        speech_set,
-        frozenset(int(t) for t in cfg.stop_ids),
-        frozenset(control),
-        prompt_len + cfg.max_new_tokens + 1,
-        draft,
-    )
+    cfg.prefill_pool.check(num_layers)
+    if cfg.speech_ids is None:
+        raise SparkeeError(
+            "--prefill-pool needs the speech token range (--speech-ids A:B) to know what may merge"
+        )
+
+
+def _speech_set(bb: Backbone, heads: ExitHeads, cfg: GenerationConfig) -> torch.Tensor | None:
+    """--speech-vocab-only: the token ids speech steps project onto (the heads' own set, if any)."""
+    if not cfg.speech_vocab_only:
+        return None
+    if heads.token_ids is not None:
+        return heads.token_ids
+    if cfg.speech_ids is not None:
+        return speech_token_set(cfg, bb.vocab_size).to(bb.lm_head.weight.device)
+    raise SparkeeError("--speech-vocab-only needs the speech token range (--speech-ids A:B)")
 
 
 def context_limit(bb: Backbone) -> int | None:

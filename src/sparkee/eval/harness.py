@@ -33,7 +33,7 @@ from ..generate import generate, generate_batch
 from ..heads import ExitHeads
 from ..progress import Progress
 from ..schedule import Policy, parse_pair, parse_policy
-from ..scoring import accuracy, verdict, wer
+from ..scoring import accuracy, duration_drift, verdict, wer
 from ..sources import PromptItem
 from ..stats import best_prediction, depth_reduction_pct
 from .measures import Measures
@@ -543,121 +543,138 @@ def timing_warning(summary: list[dict]) -> str | None:
 
 def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dict]:
     """One line per row in the shape of the paper's Table 2 (accuracies and WER as fractions)."""
-    from ..scoring import duration_drift
-
     ok = [r for r in records if "error" not in r]
     full = next((r for r in rows if r.is_full), None)
     full_recs = {r["example"]: r for r in ok if full and r["row"] == full.name}
-    full_wall = {i: r["stats"]["decode_s"] for i, r in full_recs.items()}
-    full_prefill = [r["stats"]["prefill_flops"] for r in ok if full and r["row"] == full.name]
-    base_prefill = sum(full_prefill) / len(full_prefill) if full_prefill else None
     out = []
     for row in rows:
         rs = [r for r in ok if r["row"] == row.name]
-        n = len(rs)
-        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-        depth = {}
-        for mod, key in (("t", "text"), ("s", "speech")):
-            layers = [
-                layer
-                for r in rs
-                for layer, m in zip(r["exit_layers"], r["modalities"], strict=True)
-                if m == mod
-            ]
-            depth[key] = mean(layers)
-        # each example's agreement rate is over its early speech steps, so those are its weight
-        weights = [
-            _speech_early_steps(r, num_layers) if r["stats"]["speech_agreement"] is not None else 0
-            for r in rs
-        ]
-        agree = (
-            sum((r["stats"]["speech_agreement"] or 0) * w for r, w in zip(rs, weights, strict=True))
-            / sum(weights)
-            if sum(weights)
-            else None
-        )
-        shared = [r for r in rs if r["example"] in full_wall]
-        # speed: decode time (the same prefill is reported apart, as TTFT); prediction: calibrated
-        # seconds of the passes each example ran, against the full row's, on the same examples
-        measured = (
-            sum(full_wall[r["example"]] for r in shared) / sum(r["stats"]["decode_s"] for r in shared)
-            if shared and sum(r["stats"]["decode_s"] for r in shared) > 0
-            else None
-        )
-        pred_run = [r["stats"].get("predicted_s") for r in shared]
-        pred_full = [full_recs[r["example"]]["stats"].get("predicted_s") for r in shared]
-        predicted = (
-            sum(pred_full) / sum(pred_run)
-            if shared and None not in pred_run and None not in pred_full and sum(pred_run) > 0
-            else None
-        )
-        drift = [
-            duration_drift(r.get("speech_runs"), full_recs[r["example"]].get("speech_runs")) for r in shared
-        ]
-        drift = [d for d in drift if d is not None]
-        early_speech = sum(r["stats"].get("early_speech_steps") or 0 for r in rs)
-        accepted_speech = sum(
-            (r["stats"].get("speech_acceptance") or 0) * (r["stats"].get("early_speech_steps") or 0)
-            for r in rs
-        )
-        refreshes = sum(r["stats"].get("refreshes") or 0 for r in rs)
-        flops = sum(r["stats"]["flops"] for r in rs)
-        flops_full = sum(r["stats"]["flops_full_estimate"] for r in rs)
-        reads = sum(r["stats"]["weight_reads"] for r in rs)
-        reads_full = sum(r["stats"]["weight_reads_full_estimate"] for r in rs)
-        memory_bound = reads_full / reads if reads else None
+        shared = [r for r in rs if r["example"] in full_recs]  # examples the full row ran too
         line = {
             "policy": row.name,
             "text_policy": row.text.name,
             "speech_policy": row.speech.name,
-            "n": n,
+            "n": len(rs),
             "errors": sum(1 for r in records if r.get("row") == row.name and "error" in r),
-            "accuracy_speech": accuracy([r["speech_ok"] for r in rs]),
-            "accuracy_text": accuracy([r["text_ok"] for r in rs]),
-            "accuracy_asr": accuracy([r.get("asr_ok") for r in rs]),
-            "wer": wer([r["text"] for r in rs], [r["speech_transcript"] for r in rs]),
-            "mos": mean([r["mos"] for r in rs if r.get("mos") is not None]),
-            "avg_exit_layer_text": depth["text"],
-            "avg_exit_layer_speech": depth["speech"],
-            "speech_depth_reduction_pct": depth_reduction_pct(depth["speech"], num_layers),
-            "flops_reduction_pct": 100 * (1 - flops / flops_full) if flops_full else None,
-            "predicted_speedup": best_prediction(predicted, memory_bound),
-            "predicted_speedup_memory_bound": memory_bound,
-            "speedup": measured,
-            "measured_over_predicted": measured / predicted if measured and predicted else None,
-            # measured/predicted outside SANE_BAND: the timings are not to be trusted (timing_warning)
-            "timing_suspect": None
-            if not (measured and predicted)
-            else not (SANE_BAND[0] <= measured / predicted <= SANE_BAND[1]),
-            "speedup_wall": (
-                sum(full_recs[r["example"]]["wall_s"] for r in shared) / sum(r["wall_s"] for r in shared)
-                if shared
-                else None
-            ),
-            "speech_agreement": agree,
-            "speech_acceptance": accepted_speech / early_speech if early_speech else None,
-            "accepted_per_refresh": (
-                sum(r["stats"].get("accepted_early_steps") or 0 for r in rs) / refreshes
-                if refreshes
-                else None
-            ),
-            "verify_rejections": sum(r["stats"]["verify_rejections"] for r in rs),
-            "rejected_steps": sum(r["stats"].get("verify_wasted_steps") or 0 for r in rs),
-            "misplanned_steps": sum(r["stats"].get("misplanned_steps") or 0 for r in rs),
-            "speech_frames": mean([sum(n for _, n in r.get("speech_runs") or []) for r in rs]),
-            "speech_frames_drift": mean([d["frames"] for d in drift]),
-            "unit_duration_drift": mean([d["durations"] for d in drift if d["durations"] is not None]),
-            "mean_new_tokens": mean([len(r["tokens"]) for r in rs]),
-            "pool": None if row.pool is None else row.pool.text,
-            "prefill_flops": mean([r["stats"]["prefill_flops"] for r in rs]),
-            "kv_bytes": mean([r["stats"]["kv_bytes"] for r in rs]),
-            "ttft_s": mean([r["stats"]["prefill_s"] for r in rs]),
-            "prefill_flops_reduction_pct": (
-                100 * (1 - mean([r["stats"]["prefill_flops"] for r in rs]) / base_prefill)
-                if base_prefill and rs
-                else None
-            ),
-            "prompt_len_last_layer": mean([r["stats"]["prompt_len_last_layer"] for r in rs]),
         }
+        line |= _quality(rs)
+        line |= _depth(rs, num_layers)
+        line |= _speed(rs, shared, full_recs)
+        line |= _acceptance(rs, num_layers)
+        line |= _durations(rs, shared, full_recs)
+        line |= _prefill(row, rs, list(full_recs.values()))
         out.append(line)
     return out
+
+
+def _mean(xs: list) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _quality(rs: list[dict]) -> dict:
+    return {
+        "accuracy_speech": accuracy([r["speech_ok"] for r in rs]),
+        "accuracy_text": accuracy([r["text_ok"] for r in rs]),
+        "accuracy_asr": accuracy([r.get("asr_ok") for r in rs]),
+        "wer": wer([r["text"] for r in rs], [r["speech_transcript"] for r in rs]),
+        "mos": _mean([r["mos"] for r in rs if r.get("mos") is not None]),
+    }
+
+
+def _depth(rs: list[dict], num_layers: int) -> dict:
+    def layers(mod: str) -> float | None:
+        return _mean(
+            [e for r in rs for e, m in zip(r["exit_layers"], r["modalities"], strict=True) if m == mod]
+        )
+
+    text, speech = layers("t"), layers("s")
+    flops = sum(r["stats"]["flops"] for r in rs)
+    flops_full = sum(r["stats"]["flops_full_estimate"] for r in rs)
+    return {
+        "avg_exit_layer_text": text,
+        "avg_exit_layer_speech": speech,
+        "speech_depth_reduction_pct": depth_reduction_pct(speech, num_layers),
+        "flops_reduction_pct": 100 * (1 - flops / flops_full) if flops_full else None,
+    }
+
+
+def _speed(rs: list[dict], shared: list[dict], full_recs: dict[int, dict]) -> dict:
+    """Speed-ups over the full row on the examples both ran: measured (decode time; the same
+    prefill is reported apart, as TTFT) and predicted (calibrated seconds of the passes each
+    example ran, against the full row's)."""
+    decode = sum(r["stats"]["decode_s"] for r in shared)
+    measured = (
+        sum(full_recs[r["example"]]["stats"]["decode_s"] for r in shared) / decode if decode > 0 else None
+    )
+    pred_run = [r["stats"].get("predicted_s") for r in shared]
+    pred_full = [full_recs[r["example"]]["stats"].get("predicted_s") for r in shared]
+    predicted = (
+        sum(pred_full) / sum(pred_run)
+        if shared and None not in pred_run and None not in pred_full and sum(pred_run) > 0
+        else None
+    )
+    reads = sum(r["stats"]["weight_reads"] for r in rs)
+    memory_bound = sum(r["stats"]["weight_reads_full_estimate"] for r in rs) / reads if reads else None
+    return {
+        "predicted_speedup": best_prediction(predicted, memory_bound),
+        "predicted_speedup_memory_bound": memory_bound,
+        "speedup": measured,
+        "measured_over_predicted": measured / predicted if measured and predicted else None,
+        # measured/predicted outside SANE_BAND: the timings are not to be trusted (timing_warning)
+        "timing_suspect": None
+        if not (measured and predicted)
+        else not (SANE_BAND[0] <= measured / predicted <= SANE_BAND[1]),
+        "speedup_wall": (
+            sum(full_recs[r["example"]]["wall_s"] for r in shared) / sum(r["wall_s"] for r in shared)
+            if shared
+            else None
+        ),
+    }
+
+
+def _acceptance(rs: list[dict], num_layers: int) -> dict:
+    # each example's agreement rate is over its early speech steps, so those are its weight
+    weights = [
+        _speech_early_steps(r, num_layers) if r["stats"]["speech_agreement"] is not None else 0 for r in rs
+    ]
+    agreed = sum((r["stats"]["speech_agreement"] or 0) * w for r, w in zip(rs, weights, strict=True))
+    early_speech = sum(r["stats"].get("early_speech_steps") or 0 for r in rs)
+    accepted_speech = sum(
+        (r["stats"].get("speech_acceptance") or 0) * (r["stats"].get("early_speech_steps") or 0) for r in rs
+    )
+    refreshes = sum(r["stats"].get("refreshes") or 0 for r in rs)
+    accepted = sum(r["stats"].get("accepted_early_steps") or 0 for r in rs)
+    return {
+        "speech_agreement": agreed / sum(weights) if sum(weights) else None,
+        "speech_acceptance": accepted_speech / early_speech if early_speech else None,
+        "accepted_per_refresh": accepted / refreshes if refreshes else None,
+        "verify_rejections": sum(r["stats"]["verify_rejections"] for r in rs),
+        "rejected_steps": sum(r["stats"].get("verify_wasted_steps") or 0 for r in rs),
+        "misplanned_steps": sum(r["stats"].get("misplanned_steps") or 0 for r in rs),
+    }
+
+
+def _durations(rs: list[dict], shared: list[dict], full_recs: dict[int, dict]) -> dict:
+    """Speech length and unit durations, against the full row's answers to the same examples."""
+    drift = [duration_drift(r.get("speech_runs"), full_recs[r["example"]].get("speech_runs")) for r in shared]
+    drift = [d for d in drift if d is not None]
+    return {
+        "speech_frames": _mean([sum(n for _, n in r.get("speech_runs") or []) for r in rs]),
+        "speech_frames_drift": _mean([d["frames"] for d in drift]),
+        "unit_duration_drift": _mean([d["durations"] for d in drift if d["durations"] is not None]),
+        "mean_new_tokens": _mean([len(r["tokens"]) for r in rs]),
+    }
+
+
+def _prefill(row: Row, rs: list[dict], full_rs: list[dict]) -> dict:
+    """Prefill and Affinity Pooling figures, against the full row's prefill."""
+    base = _mean([r["stats"]["prefill_flops"] for r in full_rs])
+    flops = _mean([r["stats"]["prefill_flops"] for r in rs])
+    return {
+        "pool": None if row.pool is None else row.pool.text,
+        "prefill_flops": flops,
+        "kv_bytes": _mean([r["stats"]["kv_bytes"] for r in rs]),
+        "ttft_s": _mean([r["stats"]["prefill_s"] for r in rs]),
+        "prefill_flops_reduction_pct": 100 * (1 - flops / base) if base and rs else None,
+        "prompt_len_last_layer": _mean([r["stats"]["prompt_len_last_layer"] for r in rs]),
+    }

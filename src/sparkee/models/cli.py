@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from ..errors import SparkeeError
+from ..options import parse_ids
 
 app = typer.Typer(
     help="Convert an interleaved SLM checkpoint to a transformers directory sparkee can load.",
@@ -33,15 +34,7 @@ EOS_HELP = "comma-separated EOS ids, when neither the config nor the tokenizer f
 
 
 def _parse_ids(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise SparkeeError(f"--eos-ids must be comma-separated whole numbers, got '{text}'") from None
-    if not ids or any(i < 0 for i in ids):
-        raise SparkeeError(f"--eos-ids must be comma-separated whole numbers, got '{text}'")
-    return ids
+    return None if text is None else parse_ids(text, "--eos-ids")
 
 
 def _run(fn, src: Path, dst: Path, as_json: bool, assets: str, set_items: list[str] | None, eos_ids) -> None:

@@ -599,6 +599,32 @@ def _suggested(server: Server) -> list[dict]:
 
 
 async def _respond(server: Server, job: Job, req, request: Request, cfg, kind: str, audio: bool, fmt: str):
+    """Queue the job and answer: one JSON body, or server-sent events when the request streams."""
+    _submit(server, job)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    reply = _Reply(
+        server,
+        job,
+        cfg,
+        kind,
+        audio,
+        fmt,
+        return_tokens=bool(req.sparkee and req.sparkee.return_tokens) or kind == "text",
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+    )
+    events = _events(
+        server, job, [s for s in stops if s], request, reply.tag, ids=kind == "text" and req.stream
+    )
+    if not req.stream:
+        return await _whole_response(reply, events)
+    # the first event decides the status: an error before any output is still an HTTP error
+    return _ClosingStream(
+        _event_stream(reply, events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _submit(server: Server, job: Job) -> None:
+    """Admit the job, or answer 429 (queue full) / 503 (shutting down) with Retry-After."""
     try:
         server.worker.submit(job)
     except Busy as e:
@@ -608,132 +634,139 @@ async def _respond(server: Server, job: Job, req, request: Request, cfg, kind: s
         err.type = "rate_limit_error" if e.status == 429 else "server_error"
         err.headers = {"Retry-After": str(e.retry_after)}
         raise err from None
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    stops = [s for s in stops if s]
-    created = int(time.time())
-    prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-    rid = prefix + job.id
-    tag: dict = {}
-    return_tokens = bool(req.sparkee and req.sparkee.return_tokens) or kind == "text"
-    events = _events(server, job, stops, request, tag, ids=kind == "text" and req.stream)
 
-    def log(info):
+
+@dataclass
+class _Reply:
+    """What one response is built from: the job, its config and answer options, its ids."""
+
+    server: Server
+    job: Job
+    cfg: GenerationConfig
+    kind: str  # chat | completion ("text": completions of token ids)
+    audio: bool
+    fmt: str  # the audio format: wav | pcm16
+    return_tokens: bool
+    include_usage: bool
+
+    def __post_init__(self) -> None:
+        self.created = int(time.time())
+        self.rid = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.job.id
+        self.tag: dict = {}  # timings and the finish reason, filled as the events pass
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.server.model_name}
+
+    def stats(self, info: dict) -> dict:
+        """The response's `sparkee` object: the run's stats (or its tokens, when a stop string
+        ended it before the engine did), and the request's timings."""
+        stats = self.server.sparkee_stats(info, self.return_tokens, self.cfg) if "stats" in info else {}
+        if self.return_tokens and "tokens" not in stats:
+            stats["tokens"] = info["tokens"]
+        return stats | _timings(self.tag)
+
+    def finish_reason(self, info: dict) -> str:
+        return self.tag.get("finish_reason") or info["finish_reason"]
+
+    def log(self, info: dict | None) -> None:
+        job, tag = self.job, self.tag
         log_request(
-            id=rid,
+            id=self.rid,
             prompt_tokens=len(job.prompt),
             completion_tokens=len(info["tokens"]) if info else None,
             queue_s=None if job.started is None else job.started - job.created,
             ttft_s=tag.get("ttft"),
             ttfa_s=tag.get("ttfa"),
             total_s=tag.get("total_s"),
-            speech_policy=str(cfg.speech_policy),
-            text_policy=str(cfg.text_policy),
-            verify=cfg.verify,
+            speech_policy=str(self.cfg.speech_policy),
+            text_policy=str(self.cfg.text_policy),
+            verify=self.cfg.verify,
             finish_reason=tag.get("finish_reason") or (info or {}).get("finish_reason"),
         )
 
-    if not req.stream:
-        text, pcm, info = [], [], None
-        try:
-            async for o in events:
-                if o.kind == "text":
-                    text.append(o.text)
-                elif o.kind == "audio":
-                    pcm.append(o.pcm)
-                else:
-                    info = o.info
-        finally:
-            await events.aclose()
-        finish = tag.get("finish_reason") or info["finish_reason"]
-        log(info)
-        body: dict = {"id": rid, "created": created, "model": server.model_name}
-        content = "".join(text)
-        if kind == "chat":
-            msg: dict = {"role": "assistant", "content": content}
-            if audio:
-                msg["content"] = None
-                data = b"".join(pcm)
-                msg["audio"] = {
-                    "id": "audio_" + job.id,
-                    "data": base64.b64encode(wav_bytes(data) if fmt == "wav" else data).decode(),
-                    "transcript": content,
-                    "expires_at": created + 3600,
-                }
-            body |= {
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
-            }
-        else:
-            body |= {
-                "object": "text_completion",
-                "choices": [{"index": 0, "text": content, "logprobs": None, "finish_reason": finish}],
-            }
-        body["usage"] = _usage(job, info)
-        if "stats" in info:
-            body["sparkee"] = server.sparkee_stats(info, return_tokens, cfg) | _timings(tag)
-        else:  # ended by a stop string
-            body["sparkee"] = {"tokens": info["tokens"]} if return_tokens else {}
-            body["sparkee"] |= _timings(tag)
-        return JSONResponse(body)
 
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+async def _whole_response(reply: _Reply, events) -> JSONResponse:
+    """A non-streaming answer: every event gathered into one OpenAI-style body."""
+    text, pcm, info = [], [], None
+    try:
+        async for o in events:
+            if o.kind == "text":
+                text.append(o.text)
+            elif o.kind == "audio":
+                pcm.append(o.pcm)
+            else:
+                info = o.info
+    finally:
+        await events.aclose()
+    finish = reply.finish_reason(info)
+    reply.log(info)
+    content = "".join(text)
+    if reply.kind == "chat":
+        msg: dict = {"role": "assistant", "content": content}
+        if reply.audio:
+            data = b"".join(pcm)
+            msg["content"] = None
+            msg["audio"] = {
+                "id": "audio_" + reply.job.id,
+                "data": base64.b64encode(wav_bytes(data) if reply.fmt == "wav" else data).decode(),
+                "transcript": content,
+                "expires_at": reply.created + 3600,
+            }
+        body = reply.head("chat.completion")
+        body["choices"] = [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}]
+    else:
+        body = reply.head("text_completion")
+        body["choices"] = [{"index": 0, "text": content, "logprobs": None, "finish_reason": finish}]
+    body["usage"] = _usage(reply.job, info)
+    body["sparkee"] = reply.stats(info)
+    return JSONResponse(body)
+
+
+async def _event_stream(reply: _Reply, events):
+    """A streaming answer: OpenAI's chunks as server-sent events, `[DONE]` at the end (an error
+    after the first chunk goes out as an error event)."""
+    chat, job = reply.kind == "chat", reply.job
+    obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(delta: dict | None = None, finish=None, text: str | None = None, **extra) -> str:
-        if kind == "chat":
+        if chat:
             choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        body = {"id": rid, "object": obj, "created": created, "model": server.model_name, "choices": [choice]}
-        return f"data: {json.dumps(body | extra)}\n\n"
+        return f"data: {json.dumps(reply.head(obj) | {'choices': [choice]} | extra)}\n\n"
 
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    async def sse():
-        info = None
-        try:
-            if kind == "chat":
-                yield chunk({"role": "assistant", "content": None if audio else ""})
-            async for o in events:
-                if o.kind == "token":
-                    yield chunk(text="", sparkee={"token": o.info["token"]})
-                elif o.kind == "text" and o.text:
-                    if kind != "chat":
-                        yield chunk(text=o.text)
-                    elif audio:
-                        yield chunk({"audio": {"id": "audio_" + job.id, "transcript": o.text}})
-                    else:
-                        yield chunk({"content": o.text})
-                elif o.kind == "audio":
-                    data = wav_bytes(o.pcm) if fmt == "wav" else o.pcm
-                    yield chunk({"audio": {"id": "audio_" + job.id, "data": base64.b64encode(data).decode()}})
-                elif o.kind == "done":
-                    info = o.info
-            finish = tag.get("finish_reason") or info["finish_reason"]
-            stats = server.sparkee_stats(info, return_tokens, cfg) if "stats" in info else {}
-            if return_tokens and "tokens" not in stats:
-                stats["tokens"] = info["tokens"]
-            yield chunk({}, finish, sparkee=stats | _timings(tag))
-            if include_usage:
-                body = {
-                    "id": rid,
-                    "object": obj,
-                    "created": created,
-                    "model": server.model_name,
-                    "choices": [],
-                }
-                yield f"data: {json.dumps(body | {'usage': _usage(job, info)})}\n\n"
-            yield "data: [DONE]\n\n"
-            log(info)
-        except ApiError as e:
-            err = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-            yield f"data: {json.dumps(err)}\n\n"
-            yield "data: [DONE]\n\n"
-            log(info)
-        finally:
-            await events.aclose()
-
-    # the first event decides the status: an error before any output is still an HTTP error
-    return _ClosingStream(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    info = None
+    try:
+        if chat:
+            yield chunk({"role": "assistant", "content": None if reply.audio else ""})
+        async for o in events:
+            if o.kind == "token":
+                yield chunk(text="", sparkee={"token": o.info["token"]})
+            elif o.kind == "text" and o.text:
+                if not chat:
+                    yield chunk(text=o.text)
+                elif reply.audio:
+                    yield chunk({"audio": {"id": "audio_" + job.id, "transcript": o.text}})
+                else:
+                    yield chunk({"content": o.text})
+            elif o.kind == "audio":
+                data = wav_bytes(o.pcm) if reply.fmt == "wav" else o.pcm
+                yield chunk({"audio": {"id": "audio_" + job.id, "data": base64.b64encode(data).decode()}})
+            elif o.kind == "done":
+                info = o.info
+        yield chunk({}, reply.finish_reason(info), sparkee=reply.stats(info))
+        if reply.include_usage:
+            body = reply.head(obj) | {"choices": [], "usage": _usage(job, info)}
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+        reply.log(info)
+    except ApiError as e:
+        err = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+        yield f"data: {json.dumps(err)}\n\n"
+        yield "data: [DONE]\n\n"
+        reply.log(info)
+    finally:
+        await events.aclose()
 
 
 class _ClosingStream(StreamingResponse):
