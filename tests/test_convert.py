@@ -669,7 +669,9 @@ def test_convert_cli_options(tmp_path):
     res = runner.invoke(convert_app, ["step-audio-2-mini", str(src), str(tmp_path / "o")])
     assert res.exit_code == 2 and "pass --eos-ids" in res.output
     res = runner.invoke(convert_app, ["step-audio-2-mini", str(src), str(tmp_path / "o"), "--eos-ids", "x"])
-    assert res.exit_code == 2 and "--eos-ids must be whole numbers separated by commas or spaces" in res.output
+    assert (
+        res.exit_code == 2 and "--eos-ids must be whole numbers separated by commas or spaces" in res.output
+    )
     res = runner.invoke(
         convert_app,
         [

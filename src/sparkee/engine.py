@@ -259,6 +259,12 @@ class Engine:
         self._times.pop(row, None)
         self._outbox = [e for e in self._outbox if e.row != row]
 
+    @property
+    def batch_meter(self) -> CostMeter:
+        """The passes the batch as a whole ran since the last `reset_batch_meter` (its `steps`
+        count batch steps by their deepest kind: "early" when every row exited early)."""
+        return self._run.batch_meter
+
     def reset_batch_meter(self) -> None:
         """Forget the batch's passes so far (generate_batch: its batch stats count decode only)."""
         self._run.batch_meter.reset()

@@ -1,0 +1,91 @@
+"""Why a served batch keeps less of SPAR-K's gain: deep passes per step when rows join at
+different times (never a timed test; this counts steps, it does not time them).
+
+A batch step skips the deep layers only when every row exits early; a text step, a refresh or a
+rejection of any row runs them for the whole step. Requests that join a running batch one after
+another (as a server's do) sit at different places of their interleave (text or speech chunk) and
+of their refresh pattern, so fewer steps are all-early than for a row alone or for rows that
+started together. Decodes the reference SLM's test questions through the engine the server uses
+(`Engine.add` / `step`), closed loop: a finished row's slot takes the next question.
+
+    python bench/serve_phases.py [--policy spar-k:FEEE:4] [--heads bundled] [--requests 16]
+        [--batch 8] [--format padded]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sparkee import load_model
+from sparkee.engine import Engine
+from sparkee.profiles import heads_of, load_profile, resolve_config
+from sparkee.refslm import bundled_model_dir
+
+
+def count_steps(
+    bb, heads, cfg, prompts: list[list[int]], batch: int, join_every: int | None
+) -> tuple[int, int]:
+    """(all-early steps, steps with deep layers). join_every: a new row every that many steps
+    while a slot is free; None: rows join only when every slot is free (they start together)."""
+    eng = Engine(bb, heads, cfg, max_batch_size=batch, calibration=None)
+    queue, steps = list(prompts), 0
+    eng.reset_batch_meter()
+    while queue or eng.active():
+        if join_every is None:
+            if eng.free_slots() == batch:  # every slot free: the next batch starts together
+                for _ in range(min(batch, len(queue))):
+                    eng.add(queue.pop(0))
+        elif queue and eng.free_slots() and (steps % join_every == 0 or not eng.active()):
+            eng.add(queue.pop(0))
+        eng.step()
+        steps += 1
+        for b in range(batch):
+            if eng.done(b):  # finished (or empty): the slot is free for the next question
+                eng.release(b)
+    st = eng.batch_meter.steps
+    return st.get("early", 0), st.get("full", 0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--policy", default="spar-k:FEEE:4")
+    ap.add_argument("--heads", default="bundled")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--format", default="padded")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model = bundled_model_dir()
+    bb = load_model(model)
+    profile = load_profile(model, bb=bb)
+    heads = heads_of(args.heads, profile, bb)
+    cfg = resolve_config(
+        profile,
+        {
+            "speech_policy": args.policy,
+            "verify": True,
+            "format": args.format,
+            "max_new_tokens": 200,
+            "calibrate": False,
+        },
+    )
+    prompts = [item.ids for item in profile.prompts("refslm:test", args.format)[: args.requests]]
+    print(f"{args.policy}+verify, heads {args.heads}, {len(prompts)} test questions, format {args.format}")
+    print("| batch | rows join | steps | all-early steps | steps with deep layers |")
+    print("|---|---|---|---|---|")
+    for batch, join, label in (
+        (1, 1, "one at a time"),
+        (args.batch, None, "together, a batch at a time"),
+        (args.batch, 1, "one a step while a slot is free"),
+        (args.batch, 5, "one every 5 steps while a slot is free"),
+    ):
+        early, deep = count_steps(bb, heads, cfg, prompts, batch, join)
+        print(
+            f"| {batch} | {label} | {early + deep} | {early} ({100 * early / (early + deep):.0f}%) | {deep} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
