@@ -7,13 +7,12 @@ sampling). The engine builds one per checked position.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-Distance = Callable[[int, int], float]
+from .accept import Distance
 
 
 @dataclass

@@ -434,126 +434,151 @@ def _usage(job: Job, info: dict) -> dict:
 
 
 def create_app(server: Server) -> FastAPI:
+    """The HTTP app over a server: its routes, error handlers and API-key check. Handlers find the
+    server at `request.app.state.server`."""
     app = FastAPI(title="sparkee", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        msg, param = _validation_message(errors[0]) if errors else ("The request is invalid.", None)
-        server.metrics.requests.labels("rejected").inc()
-        return _error(400, msg, param, "invalid_request")
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        server.metrics.requests.labels("rejected" if exc.status < 500 else "error").inc()
-        return _error(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers or None)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        key = server.api_key
-        if (
-            key
-            and request.url.path.startswith("/v1/")
-            and request.headers.get("authorization") != f"Bearer {key}"
-        ):
-            return _error(
-                401, "Invalid or missing API key (Authorization: Bearer KEY).", None, "invalid_api_key"
-            )
-        return await call_next(request)
-
-    @app.get("/health")
-    async def health():
-        w = server.worker
-        body = {
-            "status": "ready" if w.ready else "stopping",
-            "model": server.model_name,
-            "running": w.running,
-            "waiting": w.waiting,
-            "max_batch_size": server.engine.max_batch_size,
-            "max_queue": w.max_queue,
-            "cancelled_rows": w.cancelled_rows,
-            "audio": server.audio is not None,
-        }
-        return JSONResponse(body, status_code=200 if w.ready else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(server.metrics.render(), media_type=server.metrics.content_type)
-
-    @app.get("/")
-    async def page():
-        return FileResponse(STATIC / "index.html")
-
-    @app.get("/static/{name}")
-    async def static(name: str):
-        p = STATIC / name
-        if "/" in name or not p.is_file():
-            raise ApiError(404, f"No static file '{name}'.", None, "not_found")
-        return FileResponse(p)
-
-    @app.get("/v1/models")
-    async def models():
-        return {
-            "object": "list",
-            "data": [
-                {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "sparkee"}
-            ],
-        }
-
-    @app.get("/v1/sparkee/config")
-    async def sparkee_config():  # what the page offers
-        c = server.cfg
-        return {
-            "model": server.model_name,
-            "num_layers": server.num_layers,
-            "speech_policy": str(c.speech_policy),
-            "text_policy": str(c.text_policy),
-            "verify": c.verify,
-            "audio": server.audio is not None,
-            "suggested_policies": _suggested(server),
-        }
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        req = await _parse(request, ChatRequest)
-        server.check_model(req.model)
-        if req.max_tokens is not None and req.max_completion_tokens is not None:
-            raise ApiError(
-                400, "Give max_tokens or max_completion_tokens, not both.", "max_completion_tokens"
-            )
-        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        want_audio = "audio" in (req.modalities or [])
-        if want_audio and server.audio is None:
-            raise ApiError(400, "This server has no vocoder: ask for modalities ['text'] only.", "modalities")
-        if req.audio is not None and not want_audio:
-            raise ApiError(400, "'audio' needs modalities ['text', 'audio'].", "modalities")
-        try:
-            prompt = server.chat_prompt(req.messages)
-        except SparkeeError as e:
-            raise ApiError(400, _sentence(str(e)), "messages") from None
-        cfg = server.config(req, max_new)
-        job = server.job(prompt, cfg, want_audio, param)
-        fmt = (req.audio or AudioParams()).format
-        return await _respond(server, job, req, request, cfg, "chat", want_audio, fmt)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req = await _parse(request, CompletionRequest)
-        server.check_model(req.model)
-        if isinstance(req.prompt, str):
-            tok = server.profile.tokenizer
-            if tok is None or not req.prompt:
-                raise ApiError(400, "Give the prompt as a list of token ids.", "prompt")
-            prompt = list(tok(req.prompt)["input_ids"])
-        else:
-            prompt = list(req.prompt)
-        cfg = server.config(req, req.max_tokens)
-        job = server.job(prompt, cfg, False, "max_tokens")
-        return await _respond(server, job, req, request, cfg, "text", False, "wav")
-
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(ApiError, _api_error)
+    app.middleware("http")(_auth)
+    for path, endpoint in (
+        ("/health", health),
+        ("/metrics", metrics),
+        ("/", page),
+        ("/static/{name}", static),
+        ("/v1/models", models),
+        ("/v1/sparkee/config", sparkee_config),
+    ):
+        app.add_api_route(path, endpoint, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
     return app
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+async def _invalid(request: Request, exc: RequestValidationError):
+    errors = exc.errors()
+    msg, param = _validation_message(errors[0]) if errors else ("The request is invalid.", None)
+    _server(request).metrics.requests.labels("rejected").inc()
+    return _error(400, msg, param, "invalid_request")
+
+
+async def _api_error(request: Request, exc: ApiError):
+    _server(request).metrics.requests.labels("rejected" if exc.status < 500 else "error").inc()
+    return _error(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers or None)
+
+
+async def _auth(request: Request, call_next):
+    key = _server(request).api_key
+    if (
+        key
+        and request.url.path.startswith("/v1/")
+        and request.headers.get("authorization") != f"Bearer {key}"
+    ):
+        return _error(401, "Invalid or missing API key (Authorization: Bearer KEY).", None, "invalid_api_key")
+    return await call_next(request)
+
+
+# ---------------------------------------------------------------------------------------------
+# routes
+
+
+async def health(request: Request):
+    server = _server(request)
+    w = server.worker
+    body = {
+        "status": "ready" if w.ready else "stopping",
+        "model": server.model_name,
+        "running": w.running,
+        "waiting": w.waiting,
+        "max_batch_size": server.engine.max_batch_size,
+        "max_queue": w.max_queue,
+        "cancelled_rows": w.cancelled_rows,
+        "audio": server.audio is not None,
+    }
+    return JSONResponse(body, status_code=200 if w.ready else 503)
+
+
+async def metrics(request: Request):
+    m = _server(request).metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+async def page():
+    return FileResponse(STATIC / "index.html")
+
+
+async def static(name: str):
+    p = STATIC / name
+    if "/" in name or not p.is_file():
+        raise ApiError(404, f"No static file '{name}'.", None, "not_found")
+    return FileResponse(p)
+
+
+async def models(request: Request):
+    server = _server(request)
+    return {
+        "object": "list",
+        "data": [
+            {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "sparkee"}
+        ],
+    }
+
+
+async def sparkee_config(request: Request):  # what the page offers
+    server = _server(request)
+    c = server.cfg
+    return {
+        "model": server.model_name,
+        "num_layers": server.num_layers,
+        "speech_policy": str(c.speech_policy),
+        "text_policy": str(c.text_policy),
+        "verify": c.verify,
+        "audio": server.audio is not None,
+        "suggested_policies": _suggested(server),
+    }
+
+
+async def chat(request: Request):
+    server = _server(request)
+    req = await _parse(request, ChatRequest)
+    server.check_model(req.model)
+    if req.max_tokens is not None and req.max_completion_tokens is not None:
+        raise ApiError(400, "Give max_tokens or max_completion_tokens, not both.", "max_completion_tokens")
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    want_audio = "audio" in (req.modalities or [])
+    if want_audio and server.audio is None:
+        raise ApiError(400, "This server has no vocoder: ask for modalities ['text'] only.", "modalities")
+    if req.audio is not None and not want_audio:
+        raise ApiError(400, "'audio' needs modalities ['text', 'audio'].", "modalities")
+    try:
+        prompt = server.chat_prompt(req.messages)
+    except SparkeeError as e:
+        raise ApiError(400, _sentence(str(e)), "messages") from None
+    cfg = server.config(req, max_new)
+    job = server.job(prompt, cfg, want_audio, param)
+    fmt = (req.audio or AudioParams()).format
+    return await _respond(server, job, req, request, cfg, "chat", want_audio, fmt)
+
+
+async def completions(request: Request):
+    server = _server(request)
+    req = await _parse(request, CompletionRequest)
+    server.check_model(req.model)
+    if isinstance(req.prompt, str):
+        tok = server.profile.tokenizer
+        if tok is None or not req.prompt:
+            raise ApiError(400, "Give the prompt as a list of token ids.", "prompt")
+        prompt = list(tok(req.prompt)["input_ids"])
+    else:
+        prompt = list(req.prompt)
+    cfg = server.config(req, req.max_tokens)
+    job = server.job(prompt, cfg, False, "max_tokens")
+    return await _respond(server, job, req, request, cfg, "text", False, "wav")
 
 
 async def _parse(request: Request, cls: type[BaseModel]):
