@@ -172,7 +172,8 @@ class RunStats(_Keys):
         return "calibrated" if self.predicted_speedup_calibrated is not None else "memory-bound"
 
 
-def _mean(xs: list[float]) -> float | None:
+def mean(xs: list[float]) -> float | None:
+    """The mean, or None for no values."""
     return sum(xs) / len(xs) if xs else None
 
 
@@ -214,8 +215,8 @@ def compute_stats(
         new_tokens=len(steps),
         text_steps=len(by["text"]),
         speech_steps=len(by["speech"]),
-        avg_exit_layer_text=_mean([s.exit_layer for s in by["text"]]),
-        avg_exit_layer_speech=_mean([s.exit_layer for s in by["speech"]]),
+        avg_exit_layer_text=mean([s.exit_layer for s in by["text"]]),
+        avg_exit_layer_speech=mean([s.exit_layer for s in by["speech"]]),
         early_steps=sum(s.action == "early" for s in steps),
         early_speech_steps=sum(s.action == "early" for s in by["speech"]),
         fallback_steps=sum(s.action == "fallback" for s in steps),

@@ -35,7 +35,7 @@ from ..progress import Progress
 from ..schedule import Policy, parse_pair, parse_policy
 from ..scoring import accuracy, duration_drift, verdict, wer
 from ..sources import PromptItem
-from ..stats import best_prediction, depth_reduction_pct
+from ..stats import best_prediction, depth_reduction_pct, mean
 from .measures import Measures
 
 RESULTS = "results.jsonl"
@@ -567,23 +567,19 @@ def summarize(records: list[dict], rows: list[Row], num_layers: int) -> list[dic
     return out
 
 
-def _mean(xs: list) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
 def _quality(rs: list[dict]) -> dict:
     return {
         "accuracy_speech": accuracy([r["speech_ok"] for r in rs]),
         "accuracy_text": accuracy([r["text_ok"] for r in rs]),
         "accuracy_asr": accuracy([r.get("asr_ok") for r in rs]),
         "wer": wer([r["text"] for r in rs], [r["speech_transcript"] for r in rs]),
-        "mos": _mean([r["mos"] for r in rs if r.get("mos") is not None]),
+        "mos": mean([r["mos"] for r in rs if r.get("mos") is not None]),
     }
 
 
 def _depth(rs: list[dict], num_layers: int) -> dict:
     def layers(mod: str) -> float | None:
-        return _mean(
+        return mean(
             [e for r in rs for e, m in zip(r["exit_layers"], r["modalities"], strict=True) if m == mod]
         )
 
@@ -659,22 +655,22 @@ def _durations(rs: list[dict], shared: list[dict], full_recs: dict[int, dict]) -
     drift = [duration_drift(r.get("speech_runs"), full_recs[r["example"]].get("speech_runs")) for r in shared]
     drift = [d for d in drift if d is not None]
     return {
-        "speech_frames": _mean([sum(n for _, n in r.get("speech_runs") or []) for r in rs]),
-        "speech_frames_drift": _mean([d["frames"] for d in drift]),
-        "unit_duration_drift": _mean([d["durations"] for d in drift if d["durations"] is not None]),
-        "mean_new_tokens": _mean([len(r["tokens"]) for r in rs]),
+        "speech_frames": mean([sum(n for _, n in r.get("speech_runs") or []) for r in rs]),
+        "speech_frames_drift": mean([d["frames"] for d in drift]),
+        "unit_duration_drift": mean([d["durations"] for d in drift if d["durations"] is not None]),
+        "mean_new_tokens": mean([len(r["tokens"]) for r in rs]),
     }
 
 
 def _prefill(row: Row, rs: list[dict], full_rs: list[dict]) -> dict:
     """Prefill and Affinity Pooling figures, against the full row's prefill."""
-    base = _mean([r["stats"]["prefill_flops"] for r in full_rs])
-    flops = _mean([r["stats"]["prefill_flops"] for r in rs])
+    base = mean([r["stats"]["prefill_flops"] for r in full_rs])
+    flops = mean([r["stats"]["prefill_flops"] for r in rs])
     return {
         "pool": None if row.pool is None else row.pool.text,
         "prefill_flops": flops,
-        "kv_bytes": _mean([r["stats"]["kv_bytes"] for r in rs]),
-        "ttft_s": _mean([r["stats"]["prefill_s"] for r in rs]),
+        "kv_bytes": mean([r["stats"]["kv_bytes"] for r in rs]),
+        "ttft_s": mean([r["stats"]["prefill_s"] for r in rs]),
         "prefill_flops_reduction_pct": 100 * (1 - flops / base) if base and rs else None,
-        "prompt_len_last_layer": _mean([r["stats"]["prompt_len_last_layer"] for r in rs]),
+        "prompt_len_last_layer": mean([r["stats"]["prompt_len_last_layer"] for r in rs]),
     }
