@@ -423,7 +423,7 @@ def _step(run: _Run, rows: list[int]) -> None:
     live = {rp.row: rp for rp in plans}
     if run.draft is not None:
         run.draft_need = {rp.row for rp in plans if rp.depth < N}
-    at, early = 0, []
+    at = 0
     for depth in sorted({rp.depth for rp in plans if rp.depth < N}):
         carry = run.run_layers(carry, range(at, depth))
         at = depth
@@ -440,31 +440,31 @@ def _step(run: _Run, rows: list[int]) -> None:
                 s = carry.start[j]
                 run.pend_h[b, s : s + carry.count[j]] = carry.h[j, : carry.count[j]]
                 _emit_early(run, b, head_logits[n], rp, filled=tr.pos - s)
-                early.append(b)
             else:
                 rp.action, rp.depth = "fallback", N  # confidence too low: run on to the top
                 keep.append(j)
         carry = carry.select(sorted(keep))
         if not carry.rows:
             run.draft_need = set()
-            _record_fixed_work(run, early, None, live)
+            _record_fixed_work(run, None, live)
             return
     run.draft_need = set()
     carry = run.run_layers(carry, range(at, N))
-    _record_fixed_work(run, early, carry, live)
+    _record_fixed_work(run, carry, live)
     _finish_full(run, carry, live)
 
 
-def _record_fixed_work(
-    run: _Run, early: list[int], carry: _Carry | None, live: dict[int, _RowPlan] | None
-) -> None:
+def _record_fixed_work(run: _Run, carry: _Carry | None, live: dict[int, _RowPlan] | None) -> None:
     """Tell the cost model a step's fixed work (the passes tell it their own): the batch's, paid
-    once at the cost of its deepest kind (embedding, masks, dispatch); each row's own step kind;
-    and the check of each pending early token (`live` None: a flush, which checks only)."""
+    once at the cost of its deepest kind (embedding, masks, dispatch); each row's own step kind
+    (the rows of `live` that left the carry exited early); and the check of each pending early
+    token (`live` None: a flush, which checks only)."""
     if live is not None:
         run.record_step("early" if carry is None else "full", {}, batch=1)
-        for b in early:
-            run.record_step("early", {b: 1})
+        deep = set() if carry is None else set(carry.rows)
+        for b in live:
+            if b not in deep:
+                run.record_step("early", {b: 1})
     if carry is None:
         return
     for b, c in zip(carry.rows, carry.count, strict=True):
@@ -550,7 +550,7 @@ def _flush(run: _Run, rows: list[int]) -> list[int]:
     carry = _Carry(pending, h, [run.traces[b].pos for b in pending], [0] * len(pending))
     carry = run.run_layers(carry, range(N))
     before = {b: run.traces[b].rejections for b in pending}
-    _record_fixed_work(run, [], carry, None)
+    _record_fixed_work(run, carry, None)
     _finish_full(run, carry, None)
     return [b for b in pending if run.traces[b].rejections > before[b] and _unfinished(run, b)]
 
