@@ -585,7 +585,6 @@ def eval_cmd(
         heads_path,
         item_config,
         load_row_heads,
-        resolve_config,
     )
     from .sources import check_limit
 
@@ -599,9 +598,12 @@ def eval_cmd(
     pools = list(prefill_pool or [])
     for p in pools:
         pool_option(p)
-    overrides = decoding.overrides()
-    bb = runtime.load(model)
-    profile = decoding.profile(model, bb)
+    options = {
+        "max_new_tokens": max_new_tokens,
+        "unit_distance": unit_distance,
+        "repetition_penalty": repetition_penalty,
+    }
+    bb, profile, cfg = load_configured(model, decoding, runtime, options)
     if frontier:
         from .eval.harness import frontier_rows
 
@@ -611,16 +613,6 @@ def eval_cmd(
         rows = parse_rows(policies, text_policy, sweep, bb.num_layers, pools or None)
     exit_heads = heads_of(heads, profile, bb)
     row_heads, row_identity = load_row_heads(rows, profile, bb)
-    cfg = resolve_config(
-        profile,
-        overrides
-        | runtime.overrides()
-        | {
-            "max_new_tokens": max_new_tokens,
-            "unit_distance": unit_distance,
-            "repetition_penalty": repetition_penalty,
-        },
-    )
     calibrate_before_timing(bb, exit_heads, cfg)
     prompts, digest = load_data(profile, data, decoding.fmt, limit)
     measures = measure.measures(profile, cfg)
