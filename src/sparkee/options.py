@@ -11,6 +11,7 @@ verification options of generate and serve (`SAMPLING_OPTIONS`), how a model is 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -141,120 +142,88 @@ AcceptOpt = Annotated[
     ),
 ]
 
-# option groups: name -> (annotation, default); a command given a group receives one object
+# option groups: field name -> annotation (the defaults are the group dataclass's); a command
+# given a group receives one object
 # the decoding options shared by generate, train-heads, layer-report and eval (None: the model's own)
 DECODING_OPTIONS = {
-    "preset": (
-        Annotated[
-            str | None,
-            typer.Option(
-                "--preset",
-                help="glm-4-voice | step-audio-2-mini: that model's interleave, ids, stops, sampling.",
-            ),
-        ],
-        None,
-    ),
-    "interleave": (
-        Annotated[
-            str | None,
-            typer.Option(
-                "--interleave",
-                help="T:S text:speech ratio (default: the model's own, else all text; 0:1 = all speech).",
-            ),
-        ],
-        None,
-    ),
-    "fmt": (
-        Annotated[
-            str | None,
-            typer.Option(
-                "--format",
-                help=f"{' | '.join(FORMATS)} (early-stop = ESI: every step after the text-end token is speech).",
-            ),
-        ],
-        None,
-    ),
-    "text_end_id": (
-        Annotated[
-            int | None,
-            typer.Option("--text-end-id", help="Token that ends the text in the early-stop format."),
-        ],
-        None,
-    ),
-    "speech_ids": (
-        Annotated[
-            str | None, typer.Option("--speech-ids", help="Speech token ids as a half-open range START:END.")
-        ],
-        None,
-    ),
-    "stop_ids": (
-        Annotated[
-            str | None,
-            typer.Option(
-                "--stop-ids",
-                help="Stop ids, separated by commas or spaces; '' for none (default: the model's EOS).",
-            ),
-        ],
-        None,
-    ),
+    "preset": Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="glm-4-voice | step-audio-2-mini: that model's interleave, ids, stops, sampling.",
+        ),
+    ],
+    "interleave": Annotated[
+        str | None,
+        typer.Option(
+            "--interleave",
+            help="T:S text:speech ratio (default: the model's own, else all text; 0:1 = all speech).",
+        ),
+    ],
+    "fmt": Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help=f"{' | '.join(FORMATS)} (early-stop = ESI: every step after the text-end token is speech).",
+        ),
+    ],
+    "text_end_id": Annotated[
+        int | None,
+        typer.Option("--text-end-id", help="Token that ends the text in the early-stop format."),
+    ],
+    "speech_ids": Annotated[
+        str | None, typer.Option("--speech-ids", help="Speech token ids as a half-open range START:END.")
+    ],
+    "stop_ids": Annotated[
+        str | None,
+        typer.Option(
+            "--stop-ids",
+            help="Stop ids, separated by commas or spaces; '' for none (default: the model's EOS).",
+        ),
+    ],
 }
 
 # the sampling and verification options of generate and serve (a server's requests may override them)
 SAMPLING_OPTIONS = {
-    "speech_policy": (SpeechPolicyOpt, None),
-    "text_policy": (TextPolicyOpt, None),
-    "temperature": (TemperatureOpt, None),
-    "top_p": (TopPOpt, None),
-    "top_k": (TopKOpt, None),
-    "verify": (VerifyOpt, False),
-    "accept": (AcceptOpt, None),
-    "unit_distance": (UnitDistanceOpt, None),
-    "repetition_penalty": (RepetitionOpt, None),
-    "speech_vocab_only": (SpeechVocabOnlyOpt, False),
-    "vocab_audit": (VocabAuditOpt, True),
+    "speech_policy": SpeechPolicyOpt,
+    "text_policy": TextPolicyOpt,
+    "temperature": TemperatureOpt,
+    "top_p": TopPOpt,
+    "top_k": TopKOpt,
+    "verify": VerifyOpt,
+    "accept": AcceptOpt,
+    "unit_distance": UnitDistanceOpt,
+    "repetition_penalty": RepetitionOpt,
+    "speech_vocab_only": SpeechVocabOnlyOpt,
+    "vocab_audit": VocabAuditOpt,
 }
 # eval's measures of an answer
 MEASURE_OPTIONS = {
-    "vocoder": (
-        Annotated[
-            str,
-            typer.Option(
-                "--vocoder", help="refslm-espeak | module:attr | none (auto: espeak for the reference SLM)."
-            ),
-        ],
-        "auto",
-    ),
-    "transcriber": (
-        Annotated[
-            str | None,
-            typer.Option("--transcriber", help="Token-level transcriber: refslm-lexicon | module:attr."),
-        ],
-        None,
-    ),
-    "asr": (
-        Annotated[str | None, typer.Option("--asr", help="Waveform ASR: pocketsphinx | module:attr.")],
-        None,
-    ),
-    "mos": (Annotated[str | None, typer.Option("--mos", help="dnsmos | module:attr.")], None),
-    "judge": (
-        Annotated[str, typer.Option("--judge", help="contains | module:attr (or give --judge-url).")],
-        "contains",
-    ),
-    "judge_url": (
-        Annotated[
-            str | None, typer.Option("--judge-url", help="OpenAI-compatible endpoint for an LLM judge.")
-        ],
-        None,
-    ),
-    "judge_model": (Annotated[str, typer.Option("--judge-model")], "judge"),
+    "vocoder": Annotated[
+        str,
+        typer.Option(
+            "--vocoder", help="refslm-espeak | module:attr | none (auto: espeak for the reference SLM)."
+        ),
+    ],
+    "transcriber": Annotated[
+        str | None,
+        typer.Option("--transcriber", help="Token-level transcriber: refslm-lexicon | module:attr."),
+    ],
+    "asr": Annotated[str | None, typer.Option("--asr", help="Waveform ASR: pocketsphinx | module:attr.")],
+    "mos": Annotated[str | None, typer.Option("--mos", help="dnsmos | module:attr.")],
+    "judge": Annotated[str, typer.Option("--judge", help="contains | module:attr (or give --judge-url).")],
+    "judge_url": Annotated[
+        str | None, typer.Option("--judge-url", help="OpenAI-compatible endpoint for an LLM judge.")
+    ],
+    "judge_model": Annotated[str, typer.Option("--judge-model")],
 }
 # how generate, serve and eval load and time the model
 RUNTIME_OPTIONS = {
-    "dtype": (DtypeOpt, "float32"),
-    "device": (DeviceOpt, "cpu"),
-    "compile_steps": (CompileOpt, False),
-    "plain_kernels": (PlainKernelsOpt, False),
-    "no_calibrate": (NoCalibrateOpt, False),
+    "dtype": DtypeOpt,
+    "device": DeviceOpt,
+    "compile_steps": CompileOpt,
+    "plain_kernels": PlainKernelsOpt,
+    "no_calibrate": NoCalibrateOpt,
 }
 
 
@@ -380,9 +349,14 @@ class MeasureArgs:
 
 
 def option_group(cls: type, options: dict, name: str, panel: str) -> Callable:
-    """A decorator giving a command the options of `options` (name -> (annotation, default)),
-    declared once and shown together under `panel` in --help; the command receives them as one
-    `cls` object in its parameter `name`."""
+    """A decorator giving a command the options of `options` (field name -> annotation), declared
+    once and shown together under `panel` in --help; the command receives them as one `cls`
+    object in its parameter `name`, whose fields give the defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    if set(defaults) != set(options):
+        raise AssertionError(
+            f"{cls.__name__} fields and its option table differ: {set(defaults) ^ set(options)}"
+        )
 
     def in_panel(ann):
         base, info = typing.get_args(ann)
@@ -394,13 +368,15 @@ def option_group(cls: type, options: dict, name: str, panel: str) -> Callable:
         sig = inspect.signature(fn, eval_str=True)
         kept = [p for p in sig.parameters.values() if p.name != name]
         extra = [
-            inspect.Parameter(opt, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=in_panel(ann))
-            for opt, (ann, default) in options.items()
+            inspect.Parameter(
+                opt, inspect.Parameter.KEYWORD_ONLY, default=defaults[opt], annotation=in_panel(ann)
+            )
+            for opt, ann in options.items()
         ]
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            group = cls(**{opt: kwargs.pop(opt, default) for opt, (_, default) in options.items()})
+            group = cls(**{opt: kwargs.pop(opt, defaults[opt]) for opt in options})
             return fn(*args, **{name: group}, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=kept + extra)
