@@ -105,7 +105,9 @@ def baseline_app(model_dir: str, max_len: int):
     async def chat(request: Request):
         body = await request.json()
         question = body["messages"][-1]["content"]
-        ids = profile.encode_text(question)
+        # the prompt sparkee serve builds for one user message (serve.app.Server.chat_prompt)
+        chat = profile.chat_template
+        ids = profile.encode_dialogue({"turns": []}, text=question) if chat else profile.encode_text(question)
         max_new = min(int(body.get("max_tokens") or cfg.max_new_tokens), max_len - len(ids) - 1)
         want_audio = "audio" in (body.get("modalities") or []) and audio is not None
 
@@ -530,8 +532,13 @@ NOTES = [
     "points of their answers, a refresh carries 8 rows times their pending positions through the "
     "deep layers, and on this 16-layer, 192-wide model a pass over 8 rows costs nearly what one row "
     "costs, so skipped layers save little.",
-    "SmolLM2-135M (fp32, text only) is compute-bound on 2 cores: a batch row costs almost as much as "
-    "a sequence.",
+    "SmolLM2-135M-Instruct (fp32, text only): both servers put each question in the model's chat "
+    "template (35-38 prompt tokens; before 2026-12-03 the bare question, 5-8 tokens, which the model "
+    "mostly answered with its end token at once, so runs were mostly prefills). A 37-token prefill "
+    "costs about 150 ms on one thread, 2-3 decode steps: prefill is compute-bound, so 8 at once take "
+    "8 times as long and no batching brings the last first token of a burst near 2x the value at 1. "
+    "The engine alone decodes it at 14.2 tokens/s at batch 1 and 53.5 at batch 8 on one thread "
+    "(`bench/batch_speed.py --threads 1`).",
 ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import tiny_model
@@ -88,6 +90,68 @@ def test_plain_transformers_profile_takes_stop_ids_from_eos(tmp_path):
         p.prompts("refslm:test")
     with pytest.raises(SparkeeError, match="need a tokenizer"):
         p.encode_text("hello")
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def instruct_dir(tmp_path, template: str | None = CHATML):
+    """A tiny llama with a character-level tokenizer, with or without a ChatML chat template."""
+    from test_model_presets import make_tokenizer
+
+    d = tmp_path / ("instruct" if template else "base")
+    tok = make_tokenizer(["<|im_start|>", "<|im_end|>"])
+    if template:
+        tok.chat_template = template
+    tok.save_pretrained(d)
+    tiny_model("llama", layers=2, vocab=len(tok)).save_pretrained(d)
+    return d, tok
+
+
+def test_a_plain_instruct_model_builds_dialogues_with_its_chat_template(tmp_path):
+    d, tok = instruct_dir(tmp_path)
+    p = load_profile(d)
+    assert type(p) is ModelProfile and p.chat_template
+    history = {
+        "system": "Be brief.",
+        "turns": [
+            {"role": "user", "text": "hi"},
+            {"role": "assistant", "text": "hello"},
+        ],
+    }
+    ids = p.encode_dialogue(history, text="and now?")
+    want = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nand now?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert ids == tok(want, add_special_tokens=False)["input_ids"]
+    # a reply given as the ids the model generated is the text they decode to
+    reply = tok.encode("hello", add_special_tokens=False)
+    as_ids = {**history, "turns": [history["turns"][0], {"role": "assistant", "ids": reply}]}
+    as_text = {**history, "turns": [history["turns"][0], {"role": "assistant", "text": tok.decode(reply)}]}
+    assert p.encode_dialogue(as_ids, text="and now?") == p.encode_dialogue(as_text, text="and now?")
+    # no system message: the template's own default (none in this one) is left to the template
+    bare = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    assert p.encode_dialogue({"turns": []}, text="hi") == bare["input_ids"]
+    spoken = {"turns": [{"role": "user", "speech": [1, 2]}, {"role": "assistant", "text": "x"}]}
+    with pytest.raises(SparkeeError, match="text turns only"):
+        p.encode_dialogue(spoken, text="y")
+    data = tmp_path / "dialogues.jsonl"  # a prompt file's history records go through it too
+    data.write_text(json.dumps({"history": history, "prompt": "and now?"}) + "\n")
+    assert p.prompts(str(data))[0].ids == ids
+
+
+def test_a_plain_model_without_a_chat_template_refuses_dialogues(tmp_path):
+    d, _ = instruct_dir(tmp_path, template=None)
+    p = load_profile(d)
+    assert not p.chat_template and p.encode_text("hi")  # a text prompt is still taken as it is
+    with pytest.raises(SparkeeError, match="chat format.*has none"):
+        p.encode_dialogue({"turns": []}, text="hi")
+    assert not load_profile(bundled_model_dir()).chat_template  # the reference SLM hears units
 
 
 def test_preset_profiles_wrap_the_models_presets(tmp_path):

@@ -488,6 +488,47 @@ def test_messages_become_the_presets_chat_prompts(tmp_path):
         r.stop()
 
 
+def test_a_plain_instruct_models_messages_go_through_its_chat_template(tmp_path):
+    """As vLLM's chat endpoint: one user message or several, the tokenizer's chat template with the
+    assistant's turn opened (not the bare question, which an instruct model often answers with
+    its end token at once); a model without a template takes one bare question, no dialogue."""
+    from test_profiles import instruct_dir
+
+    for template in (True, False):
+        d, tok = instruct_dir(tmp_path, **({} if template else {"template": None}))
+        bb = load_model(d)
+        profile = load_profile(d, bb=bb)
+        cfg = resolve_config(profile, {"temperature": 0.0, "max_new_tokens": 4})
+        r = Running(build_server(bb, None, profile, cfg, max_batch_size=2))
+        try:
+            one = [{"role": "user", "content": "hi"}]
+            more = [{"role": "system", "content": "Be brief."}, *one, {"role": "assistant", "content": "yo"}]
+            more.append({"role": "user", "content": "and now?"})
+            for messages in (one, more):
+                body = {"messages": messages, "max_tokens": 4, "sparkee": {"return_tokens": True}}
+                resp = r.http.post("/v1/chat/completions", json=body)
+                if not template and messages is more:
+                    err = resp.json()["error"]
+                    assert resp.status_code == 400 and "chat template" in err["message"], err
+                    assert one_sentence(err["message"]) and err["param"] == "messages"
+                    continue
+                want = (
+                    tok.apply_chat_template(
+                        [{"role": m["role"], "content": m["content"]} for m in messages],
+                        tokenize=False,
+                        add_generation_prompt=True,
+                    )
+                    if template
+                    else "hi"
+                )
+                ids = tok(want, add_special_tokens=False)["input_ids"]
+                out = resp.json()
+                assert out["usage"]["prompt_tokens"] == len(ids), out
+                assert out["sparkee"]["tokens"] == generate(bb, ids, replace(cfg, max_new_tokens=4)).tokens
+        finally:
+            r.stop()
+
+
 def test_a_stop_string_ends_the_answer_before_it_streaming_or_not(ref):
     q = "tell me one plus two"  # answers "one plus two is three"
     whole = chat(ref, q, stop=["two is", "zebra"]).json()

@@ -152,7 +152,7 @@ def generate(
     history: Path = typer.Option(
         None,
         "--history",
-        help="Dialogue history (JSON or JSONL; docs: real-models.md): --prompt becomes its next user turn (presets).",
+        help="Dialogue history (JSON or JSONL; docs: real-models.md): --prompt becomes its next user turn (presets, or a model whose tokenizer has a chat template).",
     ),
     as_json: bool = typer.Option(
         False,

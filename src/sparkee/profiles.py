@@ -80,16 +80,38 @@ class ModelProfile:
     def _can_encode(self) -> bool:
         return self.tokenizer is not None
 
+    @property
+    def chat_template(self) -> bool:
+        """Whether chat requests and dialogue histories go through the tokenizer's chat template
+        (a plain instruct model, as transformers' and vLLM's chat paths use it)."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def _dialogue_encoder(self):
-        return None  # only models with a chat format take dialogue histories
+        return self.encode_dialogue if self.chat_template else None
 
     def encode_dialogue(self, history, text: str | None = None, speech: list[int] | None = None) -> list[int]:
         """Prompt ids of a dialogue history (a file path, a parsed `Dialogue`, or its JSON form)
-        followed by a new question (`text` and/or speech codes), in the model's chat format."""
-        raise SparkeeError(
-            f"dialogue histories need a model with a chat format: give --preset glm-4-voice or "
-            f"step-audio-2-mini (this is {self.name})"
-        )
+        followed by a new question (`text` and/or speech codes), in the model's chat format: here
+        the tokenizer's chat template, rendered with the assistant's turn opened and tokenized
+        without added special tokens (the template writes them), as vLLM's chat endpoint does."""
+        if not self.chat_template:
+            raise SparkeeError(
+                f"dialogue histories need a model with a chat format: give --preset glm-4-voice or "
+                f"step-audio-2-mini, or a model whose tokenizer has a chat template (this is {self.name} "
+                f"in '{self.model_dir}', whose tokenizer has none)"
+            )
+        d = _dialogue(history, None)
+        if text or speech:
+            d = d.ask(speech=speech, text=text)
+        if any(t.speech for t in d.turns):
+            raise SparkeeError(f"a chat template takes text turns only: {self.name} has no speech input")
+        messages = [{"role": "system", "content": d.system}] if d.system is not None else []
+        decode = self.tokenizer.decode
+        for t in d.turns:  # an assistant turn given as ids is the text they decode to
+            content = t.text if t.text is not None else decode(list(t.ids), skip_special_tokens=True)
+            messages.append({"role": t.role, "content": content})
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
     # ---- measures --------------------------------------------------------------------------
     def measures(
@@ -161,6 +183,8 @@ class PresetProfile(ModelProfile):
 
         models.check_ids(self.preset, overrides.get("speech_ids"), overrides.get("stop_ids"))
 
+    chat_template = False  # its prompts come from the model's own builders (models/), never a template
+
     def _dialogue_encoder(self):
         return self.encode_dialogue
 
@@ -169,15 +193,22 @@ class PresetProfile(ModelProfile):
 
         if self.tokenizer is None:
             raise SparkeeError(f"multi-turn prompts need the tokenizer in '{self.model_dir}'")
-        if isinstance(history, (str, Path)):
-            d = models.load_history(history, self.name)
-        elif isinstance(history, models.Dialogue):
-            d = history
-        else:
-            d = models.parse_dialogue(history, self.name)
+        d = _dialogue(history, self.name)
         if text or speech:
             d = d.ask(speech=speech, text=text)
         return models.build_dialogue(self.name, d, self.tokenizer, self.model_dir)
+
+
+def _dialogue(history, model: str | None):
+    """A `Dialogue` from a history file path, a parsed `Dialogue` or its JSON form; `model` (a
+    preset's name) refuses a history written for another model."""
+    from . import models
+
+    if isinstance(history, (str, Path)):
+        return models.load_history(history, model)
+    if isinstance(history, models.Dialogue):
+        return history
+    return models.parse_dialogue(history, model)
 
 
 @dataclass
@@ -186,6 +217,7 @@ class ReferenceProfile(ModelProfile):
 
     vocab: Any = None  # sparkee.refslm.vocab.RefVocab of the model directory
     adapter: Path | None = None  # the bundled adapter heads, if any
+    chat_template = False  # it hears its questions spoken as units (encode_text), never a template
 
     def encode_text(self, text: str, fmt: str | None = None) -> list[int]:
         """The words spoken as speech units, in the prompt the model was trained on.

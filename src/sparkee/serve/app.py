@@ -220,8 +220,6 @@ class Server:
         question = turns[-1][1]
         if not question.strip():
             raise ApiError(400, "The user's message is empty.", "messages")
-        if not rest:
-            return self.profile.encode_text(question, fmt)
         system = [t for r, t in rest if r == "system"]
         if len(system) > 1 or (system and rest[0][0] != "system"):
             raise ApiError(400, "Give at most one system message, first.", "messages")
@@ -229,6 +227,10 @@ class Server:
         doc: dict = {"turns": history}
         if system:
             doc["system"] = system[0]
+        if self.profile.chat_template:  # a plain instruct model: every conversation in its template
+            return self.profile.encode_dialogue(doc, text=question)
+        if not rest:
+            return self.profile.encode_text(question, fmt)
         if not history and system and not hasattr(self.profile, "preset"):
             # a plain or reference model has no system prompt: the question alone
             return self.profile.encode_text(question, fmt)
