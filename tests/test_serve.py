@@ -624,3 +624,47 @@ def test_each_admitted_row_sends_its_first_token_before_the_next_prefill():
     assert first == [
         e for job in jobs for e in (("prefill", tuple(job.prompt)), ("tokens", tuple(job.prompt)))
     ]
+
+
+def test_prompts_are_prefilled_on_prefill_threads_and_steps_run_on_the_others():
+    """The worker gives a prefill `prefill_threads` torch threads and every decoding step its
+    usual number again; the answers are the rows' own, as decoded alone."""
+    import torch
+
+    from sparkee.engine import Engine
+    from sparkee.serve.metrics import Metrics
+    from sparkee.serve.worker import Job, Worker
+
+    bb = wrap_model(tiny_model("qwen2", layers=2))
+    cfg = GenerationConfig(max_new_tokens=4)
+    engine = Engine(bb, None, cfg, max_batch_size=2, calibration=None)
+    decode = torch.get_num_threads()
+    worker = Worker(engine, Metrics(), prefill_threads=decode + 1)
+    seen: dict[str, set] = {"prefill": set(), "step": set()}
+    add, step = engine.add, engine.step
+
+    def spy_add(*a, **k):
+        seen["prefill"].add(torch.get_num_threads())
+        return add(*a, **k)
+
+    def spy_step():
+        seen["step"].add(torch.get_num_threads())
+        return step()
+
+    engine.add, engine.step = spy_add, spy_step
+    prompts = [[3, 4, 5], [6, 7, 8, 9]]
+    jobs = [Job(p, engine.plan_for(len(p)), loop=None) for p in prompts]
+    tokens: dict[int, list] = {0: [], 1: []}
+    for n, job in enumerate(jobs):
+        job.send = lambda item, n=n: tokens[n].extend(item[1]) if item[0] == "tokens" else None
+    worker.start()
+    try:
+        for job in jobs:
+            worker.submit(job)
+        wait_for(lambda: all(j.row is not None for j in jobs) and worker.running == 0, "both answers")
+    finally:
+        worker.stop(drain_s=5)
+    assert seen == {"prefill": {decode + 1}, "step": {decode}}
+    assert torch.get_num_threads() == decode
+    for n, p in enumerate(prompts):
+        assert [e.token for e in tokens[n]] == generate(bb, p, cfg).tokens

@@ -808,6 +808,11 @@ def serve(
         "--threads",
         help="torch CPU threads (default: every core but one, which the HTTP side and vocoder need).",
     ),
+    prefill_threads: int = typer.Option(
+        None,
+        "--prefill-threads",
+        help="torch CPU threads while a prompt is prefilled, a compute-bound pass (default: every core).",
+    ),
     *,
     decoding: DecodingArgs,
     sampling: SamplingArgs,
@@ -832,13 +837,16 @@ def serve(
 
     serving._imports()  # the serve extra, before the model loads
     check_at_least(threads, 1, "--threads")
+    check_at_least(prefill_threads, 1, "--prefill-threads")
     import os
 
     import torch
 
     # an OpenMP pool on every core spins while the engine thread waits, starving the event loop
-    # and the vocoder: on 2 cores one torch thread served 2.6x the tokens/s of two (bench/serve_load.py)
+    # and the vocoder: on 2 cores one torch thread served 2.6x the tokens/s of two (bench/serve_load.py);
+    # a prefill is one large pass that every core speeds up (2 cores: 1.5x), so it gets them all
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    prefill_threads = prefill_threads or os.cpu_count() or 1
     bb, profile, cfg = load_configured(model, decoding, runtime, options)
     exit_heads = heads_of(heads, profile, bb)
     server = serving.build_server(
@@ -854,6 +862,7 @@ def serve(
         api_key,
         request_timeout,
         calibrate=not runtime.no_calibrate,
+        prefill_threads=prefill_threads,
     )
     if host not in serving.LOOPBACK:
         typer.echo(

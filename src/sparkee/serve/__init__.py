@@ -50,9 +50,11 @@ def build_server(
     request_timeout: float = 600.0,
     shutdown_drain_s: float = 10.0,
     calibrate: bool = True,
+    prefill_threads: int | None = None,
 ):
     """A ready `Server` (engine, worker, metrics, audio) for a loaded model; start it with `run`
-    or mount `create_app(server)` in any ASGI server."""
+    or mount `create_app(server)` in any ASGI server. `prefill_threads`: torch threads while
+    prompts are prefilled (None: torch's current number, that of the decoding steps)."""
     _imports()
     from ..calibrate import cached_calibration
     from ..engine import Engine
@@ -69,7 +71,7 @@ def build_server(
         cfg = replace(cfg, max_new_tokens=max(1, engine.max_len // 2))
     metrics = Metrics()
     audio = resolve_audio(profile, cfg, vocoder)
-    worker = Worker(engine, metrics, max_queue, audio)
+    worker = Worker(engine, metrics, max_queue, audio, prefill_threads=prefill_threads)
     return Server(
         engine,
         worker,

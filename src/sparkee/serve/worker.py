@@ -22,6 +22,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from ..engine import Engine, Plan
 from ..errors import SparkeeError
 from .audio import Audio, Chunker
@@ -65,8 +67,13 @@ class Worker:
         max_queue: int = 64,
         audio: Audio | None = None,
         audio_threads: int = 1,
+        prefill_threads: int | None = None,
     ) -> None:
         self.engine, self.metrics, self.max_queue, self.audio = engine, metrics, max_queue, audio
+        # torch threads while prompts are prefilled (None: those of the decoding steps): a prefill
+        # is one large compute-bound pass that every core speeds up, while a decoding step is many
+        # small products whose spinning OpenMP workers would starve the event loop and the vocoder
+        self.prefill_threads = prefill_threads
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._cancels: list[Job] = []
@@ -179,6 +186,42 @@ class Worker:
         self.metrics.running.set(0)
         self.metrics.waiting.set(0)
 
+    def _admit(self, admit: list[Job]) -> None:
+        """Prefill each admitted job's prompt alone and send its first token at once."""
+        now = time.monotonic()
+        for job in admit:
+            if job.cancelled:
+                continue
+            if now > job.deadline:
+                job.send(("error", 504, "the request's deadline passed while it waited for a row"))
+                self.metrics.requests.labels("error").inc()
+                continue
+            job.started = time.perf_counter()
+            try:
+                job.row = self.engine.add(job.prompt, plan=job.plan, tag=job)
+            except SparkeeError as e:
+                job.send(("error", 400, str(e)))
+                self.metrics.requests.labels("error").inc()
+                continue
+            self._rows[job.row] = job
+            self.metrics.prompt_tokens.inc(len(job.prompt))
+            # its first token (from the prefill) goes out now, not after the other prefills
+            self._dispatch(self.engine.drain())
+
+    @contextlib.contextmanager
+    def _prefill_threads(self, prefilling: bool):
+        """torch's threads set to `prefill_threads` for the prefills, then back (this thread runs
+        all of the engine's torch work)."""
+        decode = torch.get_num_threads()
+        if not prefilling or not self.prefill_threads or self.prefill_threads == decode:
+            yield
+            return
+        torch.set_num_threads(self.prefill_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(decode)
+
     def _once(self) -> bool:
         eng = self.engine
         with self._cv:
@@ -206,25 +249,8 @@ class Worker:
                 self.cancelled_rows += 1
                 self.metrics.requests.labels("cancelled").inc()
             job.send(("cancelled",))
-        now = time.monotonic()
-        for job in admit:
-            if job.cancelled:
-                continue
-            if now > job.deadline:
-                job.send(("error", 504, "the request's deadline passed while it waited for a row"))
-                self.metrics.requests.labels("error").inc()
-                continue
-            job.started = time.perf_counter()
-            try:
-                job.row = eng.add(job.prompt, plan=job.plan, tag=job)
-            except SparkeeError as e:
-                job.send(("error", 400, str(e)))
-                self.metrics.requests.labels("error").inc()
-                continue
-            self._rows[job.row] = job
-            self.metrics.prompt_tokens.inc(len(job.prompt))
-            # its first token (from the prefill) goes out now, not after the other prefills
-            self._dispatch(eng.drain())
+        with self._prefill_threads(bool(admit)):
+            self._admit(admit)
         self.metrics.running.set(len(self._rows))
         if not self._rows:
             return True
