@@ -38,7 +38,8 @@ FLOORS: list[tuple[str, ...]] = [
     ("train_heads", "serve", "integrations", "__init__"),
     ("cli", "options", "models.cli", "refslm.cli"),  # the command line: its options, its command groups
 ]
-PURE = ("errors", "syntax", "schedule", "accept", "config", "scoring", "plugin")  # never import torch
+# never import torch or transformers (store, sources and refslm.train, low as they are, do)
+PURE = ("errors", "syntax", "schedule", "accept", "config", "scoring", "plugin")
 
 
 def _module_name(path: Path) -> str:
