@@ -142,7 +142,7 @@ class Pass:
 class Meters:
     """Each row's meter (the passes it ran, as if alone) and the batch's (the passes the batch
     actually ran), both folded from the engine's pass records as they come; `log`, when set to a
-    list, keeps every record too."""
+    list, keeps every record too. `capacity` 0 keeps the batch's meter only."""
 
     def __init__(self, bb, capacity: int, like: CostMeter | None = None) -> None:
         make = (lambda: blank_meter(like)) if like is not None else (lambda: new_meter(bb))
@@ -153,19 +153,20 @@ class Meters:
     def record(self, p: Pass) -> None:
         if self.log is not None:
             self.log.append(p)
+        rows = p.rows if self.rows else ()
         if p.kind == "layers":
-            for row, n, end in p.rows:
+            for row, n, end in rows:
                 self.rows[row].layers(p.first, p.last, n, end)
             if p.batch:
                 end = max(e for _, _, e in p.rows)
                 self.batch.layers(p.first, p.last, p.padded, end, seqs=len(p.rows))
         elif p.kind == "step":
-            for row, n, _ in p.rows:
+            for row, n, _ in rows:
                 self.rows[row].step(p.step, n)
             if p.batch:
                 self.batch.step(p.step, p.padded)
         else:
-            for row, n, _ in p.rows:
+            for row, n, _ in rows:
                 self.rows[row].matrix(p.elements, n, p.kind)
             if p.batch:
                 self.batch.matrix(p.elements, p.padded, p.kind)
@@ -258,8 +259,7 @@ def full_step_passes(ends: dict[int, int], num_layers: int, proj_elements: int) 
 
 def replay(passes, like: CostMeter) -> CostMeter:
     """The batch meter of a log of passes, folded the way the engine's passes are (`Meters`)."""
-    passes = list(passes)
-    meters = Meters(None, 1 + max((b for p in passes for b, _, _ in p.rows), default=0), like=like)
+    meters = Meters(None, 0, like=like)  # the batch's meter only: no row's is read
     for p in passes:
         meters.record(p)
     return meters.batch
