@@ -8,8 +8,12 @@ of their refresh pattern, so fewer steps are all-early than for a row alone or f
 started together. Decodes the reference SLM's test questions through the engine the server uses
 (`Engine.add` / `step`), closed loop: a finished row's slot takes the next question.
 
-    python bench/serve_phases.py [--policy spar-k:FEEE:4] [--heads bundled] [--requests 16]
-        [--batch 8] [--format padded]
+    python bench/serve_phases.py [--policy spar-k:FEEE:4] [--text-policy full] [--heads bundled]
+        [--requests 16] [--batch 8] [--format padded]
+
+With text steps drafted too (`--text-policy spar-k:FE:4 --heads
+src/sparkee/refslm/assets/heads/tuned-lens-all.safetensors`, heads that cover text), a batch's deep
+passes are its shared refreshes rather than the union of every row's text steps.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def count_steps(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--policy", default="spar-k:FEEE:4")
+    ap.add_argument("--text-policy", default="full")
     ap.add_argument("--heads", default="bundled")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
@@ -65,6 +70,7 @@ def main() -> None:
         profile,
         {
             "speech_policy": args.policy,
+            "text_policy": args.text_policy,
             "verify": True,
             "format": args.format,
             "max_new_tokens": 200,
@@ -72,7 +78,10 @@ def main() -> None:
         },
     )
     prompts = [item.ids for item in profile.prompts("refslm:test", args.format)[: args.requests]]
-    print(f"{args.policy}+verify, heads {args.heads}, {len(prompts)} test questions, format {args.format}")
+    print(
+        f"text {args.text_policy}, speech {args.policy}, verified, heads {args.heads}, "
+        f"{len(prompts)} test questions, format {args.format}"
+    )
     print("| batch | rows join | steps | all-early steps | steps with deep layers |")
     print("|---|---|---|---|---|")
     for batch, join, label in (
