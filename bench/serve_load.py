@@ -9,16 +9,17 @@ own process on this machine (an idle one waits on a socket or a queue and costs 
   `generate` in a thread with a streamer (TextIteratorStreamer's queue, fed token ids so that
   speech can be vocoded), one request at a time; the same model, prompts and vocoder.
 
-C clients (C = 1, 4, 8, 16) each send R streaming requests one after another (greedy; the
-reference SLM with audio, SmolLM2 text only). One round runs every server and policy at every
-concurrency, round-robin (at each concurrency the servers take turns, in an order rotated every
-round), so a change of the machine's speed during the run falls on both servers alike. Reported:
+C clients (C = 1, 4, 8, 16) each send R streaming requests one after another, or more when C * R
+is below --min-requests (greedy; the reference SLM with audio, SmolLM2 text only). One round runs
+every server and policy at every concurrency, round-robin (at each concurrency the servers take
+turns, in an order rotated every round), so a change of the machine's speed during the run falls
+on both servers alike. Reported:
 throughput (completion tokens/s over a run's wall time; the median of the rounds), p50/p99 time to
 first token and to first audio seen by the client (over the requests of all rounds); each target's
 ratio is taken within a round, between runs next to each other in time, and its median reported.
 
     python bench/serve_load.py [--models refslm,smollm2] [--concurrency 1,4,8,16] [--requests 2]
-        [--rounds 3] [--out bench/results/serve_load.json]
+        [--min-requests 8] [--rounds 3] [--out bench/results/serve_load.json]
 
 Never a timed test: run it by hand on a quiet machine (it takes a few minutes).
 """
@@ -393,6 +394,12 @@ def main() -> None:
     ap.add_argument("--models", default="refslm,smollm2")
     ap.add_argument("--concurrency", default="1,4,8,16")
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument(
+        "--min-requests",
+        type=int,
+        default=8,
+        help="requests per run at least (few clients send more each, so a run at 1 client is not 2 requests)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every server at every concurrency")
     ap.add_argument("--out", default="bench/results/serve_load.json")
     ap.add_argument(
@@ -420,8 +427,8 @@ def main() -> None:
         uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
         return
     conc = [int(c) for c in args.concurrency.split(",")]
-    if args.rounds < 1 or args.requests < 1 or min(conc) < 1:
-        raise SystemExit("--rounds, --requests and every --concurrency must be at least 1")
+    if args.rounds < 1 or args.requests < 1 or args.min_requests < 1 or min(conc) < 1:
+        raise SystemExit("--rounds, --requests, --min-requests and every --concurrency must be at least 1")
     logs = Path(tempfile.gettempdir()) / "sparkee-serve-load"  # the servers' logs
     logs.mkdir(parents=True, exist_ok=True)
     report = {
@@ -460,7 +467,8 @@ def main() -> None:
                 for c in conc:
                     k = rnd % len(cells)
                     for server, url, policy, ext in cells[k:] + cells[:k]:
-                        r = load(url, m["questions"], c, args.requests, m["max_tokens"], m["audio"], ext)
+                        each = max(args.requests, -(-args.min_requests // c))  # per client
+                        r = load(url, m["questions"], c, each, m["max_tokens"], m["audio"], ext)
                         r |= {"model": m["name"], "server": server, "policy": policy, "round": rnd}
                         report["runs"].append(r)
                         print(
@@ -620,8 +628,8 @@ NOTES = [
     "cover text, tuned-lens-all) leaves the shared refreshes as the batch's deep passes: 64-66% of a "
     "batch of 8's steps skip the deep layers, and its answers are still full depth's. On this "
     "16-layer, 192-wide model a pass over 8 rows costs nearly what one row costs, so the skipped "
-    "layers of a batch save less than a lone row's. Gains at 1 client move between rounds (2 "
-    "requests a round) more than at 8.",
+    "layers of a batch save less than a lone row's. Runs before 2026-12-03 16:50 sent 2 requests "
+    "a round at 1 client (now --min-requests 8), whose gains moved between rounds far more than at 8.",
     "Method: in runs before 2026-12-03 15:44 the servers ran one after another, each over all concurrencies; "
     "now they run side by side and take turns at each concurrency, and each ratio is taken within "
     "a round.",
