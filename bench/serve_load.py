@@ -1,22 +1,26 @@
 """Load test of `sparkee serve` against a baseline server, closed-loop clients on loopback.
 
-For each model (the bundled reference SLM, SmolLM2-135M) two servers run side by side, each as its
+For each model (the bundled reference SLM, SmolLM2-135M) the servers run side by side, each as its
 own process on this machine (an idle one waits on a socket or a queue and costs nothing):
 
 - `sparkee serve` (continuous batching, `--max-batch-size 16`), asked for full depth and, on the
   reference SLM, for verified SPAR-K (`spar-k:FEEE:4`, exact rule: the same tokens);
+- on the reference SLM, a second `sparkee serve` with the bundled heads that cover text
+  (tuned-lens-all), asked for verified SPAR-K with text steps drafted too (`spar-k:FE:4` text,
+  `spar-k:FEEE:4` speech, exact rule);
 - a baseline built the way GLM-4-Voice's demo model server works: FastAPI, transformers
   `generate` in a thread with a streamer (TextIteratorStreamer's queue, fed token ids so that
   speech can be vocoded), one request at a time; the same model, prompts and vocoder.
 
-C clients (C = 1, 4, 8, 16) each send R streaming requests one after another, or more when C * R
-is below --min-requests (greedy; the reference SLM with audio, SmolLM2 text only). One round runs
-every server and policy at every concurrency, round-robin (at each concurrency the servers take
-turns, in an order rotated every round), so a change of the machine's speed during the run falls
-on both servers alike. Reported:
-throughput (completion tokens/s over a run's wall time; the median of the rounds), p50/p99 time to
-first token and to first audio seen by the client (over the requests of all rounds); each target's
-ratio is taken within a round, between runs next to each other in time, and its median reported.
+Every server decodes on --threads torch threads and prefills on --prefill-threads. C clients
+(C = 1, 4, 8, 16) each send R streaming requests one after another, or more when C * R is below
+--min-requests (greedy; the reference SLM with audio, SmolLM2 text only). One round runs every
+server and policy at every concurrency, round-robin (at each concurrency the servers take turns,
+in an order rotated every round), so a change of the machine's speed during the run falls on all
+servers alike. Reported: throughput (completion tokens/s over a run's wall time; the median of
+the rounds), p50/p99 time to first token and to first audio seen by the client (over the requests
+of all rounds); each target's ratio is taken within a round, between runs next to each other in
+time, and its median reported.
 
     python bench/serve_load.py [--models refslm,smollm2] [--concurrency 1,4,8,16] [--requests 2]
         [--min-requests 8] [--rounds 3] [--out bench/results/serve_load.json]
