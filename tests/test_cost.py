@@ -253,6 +253,13 @@ def test_split_half_drift_flags_a_machine_that_changed_speed(cache_dir, monkeypa
     busy = [*steady, [1.0, 1.0, 1.01, 0.99, 1.4, 1.41, 1.39, 1.4]]
     assert calibrate.split_half_drift(busy) == pytest.approx(0.4, abs=0.02)
     assert calibrate.split_half_drift([[1.0, 2.0]]) == 0.0  # too short to say
+    # calibrate judges the rounds' totals: two points whose single calls jitter by 30% in
+    # opposite halves are a steady machine; every point 30% slower in the second half is not
+    jitter = [[1.0, 1.0, 1.0, 1.3, 1.3, 1.3], [1.3, 1.3, 1.3, 1.0, 1.0, 1.0]]
+    assert calibrate.split_half_drift(jitter) == pytest.approx(0.3)
+    assert calibrate.split_half_drift([calibrate.round_totals(jitter)]) == 0.0
+    slowed = [[1.0, 1.0, 1.0, 1.3, 1.3, 1.3], [2.0, 2.0, 2.0, 2.6, 2.6, 2.6]]
+    assert calibrate.split_half_drift([calibrate.round_totals(slowed)]) == pytest.approx(0.3)
     # a calibration that drifted is measured once more; drifting again, it is used, said once on
     # stderr and never cached
     bb = wrap_model(tiny_model("qwen2", layers=2))

@@ -221,8 +221,18 @@ def calibrate(bb, progress: bool = True, rows: tuple[int, ...] = ROWS, budget_s:
     mat_s = [[med[("mat", el, r)] for r in mat_rows] for el in sizes]
     cal = Calibration(calibration_key(bb), list(rows), layer_a, layer_c, sizes, mat_rows, mat_s, {})
     cal.overhead = _fit_overhead(cal, gens)
-    cal.drift = split_half_drift([v for p, v in samples.items() if p[0] == "layer"])
+    cal.drift = split_half_drift([round_totals([v for p, v in samples.items() if p[0] == "layer"])])
     return cal
+
+
+def round_totals(series: list[list[float]]) -> list[float]:
+    """The sum over points of each round's timings: what the machine's speed did, round by round.
+
+    Drift is judged on these rather than point by point: on a quiet 2-core EPYC, the largest of 20
+    layer points' split-half differences was 20-29% (5 to 23 rounds) from single-call noise alone,
+    while the rounds' totals moved 1.5-7%, so the per-point maximum flagged a quiet machine as
+    busy and kept its calibration out of the cache."""
+    return [sum(r) for r in zip(*series, strict=True)]
 
 
 # beyond this, the machine's speed moved while calibrating and predictions may be off by as much:
@@ -232,8 +242,9 @@ UNSTEADY = 0.15
 
 def split_half_drift(series: list[list[float]]) -> float:
     """The largest relative difference between the median of the first and of the second half
-    of each series of timings (rounds in order). Drift that hits every point alike cancels in
-    ratios; a large value still says the machine was busy while it was measured."""
+    of each series of timings (rounds in order; calibrate passes one: the rounds' totals). Drift
+    that hits every point alike cancels in ratios; a large value still says the machine was busy
+    while it was measured."""
     worst = 0.0
     for ts in series:
         h = len(ts) // 2
