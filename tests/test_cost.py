@@ -142,7 +142,13 @@ def test_batch_meter_counts_a_steps_fixed_work_once_per_batch_step():
 
 @pytest.mark.parametrize(
     "choice",
-    [("packed",) * 4, ("plain", "rowwise", "rowwise", "rowwise"), ("packed", "rowwise", "packed", "plain")],
+    [
+        ("packed",) * 4,
+        ("plain", "rowwise", "rowwise", "rowwise"),
+        ("packed", "rowwise", "packed", "plain"),
+        ("plain", "left", "left", "left"),
+        ("left", "rowwise", "left", "packed"),
+    ],
 )
 @pytest.mark.parametrize("bias", [True, False])
 def test_fast_linear_matches_the_module(choice, bias):
@@ -154,7 +160,10 @@ def test_fast_linear_matches_the_module(choice, bias):
     with torch.inference_mode():
         for rows in (1, 2, 3, 5, 9):
             x = torch.randn(1, rows, 48)
-            torch.testing.assert_close(fast(x), lin(x), atol=1e-5, rtol=1e-5)
+            y = fast(x)
+            torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-5)
+            # row-major like nn.Linear's: a transposed result slows every later op of the layer
+            assert y.shape == (1, rows, 40) and y.is_contiguous()
     # training goes through the plain product (autograd)
     x = torch.randn(2, 48, requires_grad=True)
     fast(x).sum().backward()
@@ -170,7 +179,9 @@ def _force(bb, choice):
     bb.set_kernel_choice({"forced": list(choice)})
 
 
-@pytest.mark.parametrize("choice", [("packed",) * 4, ("plain", "rowwise", "rowwise", "rowwise")])
+@pytest.mark.parametrize(
+    "choice", [("packed",) * 4, ("plain", "rowwise", "rowwise", "rowwise"), ("plain", "left", "left", "left")]
+)
 def test_every_fast_path_gives_the_plain_paths_tokens(choice):
     if "packed" in choice and not kernels.packed_available():
         pytest.skip("this torch build has no oneDNN")
@@ -403,3 +414,14 @@ def test_a_capped_instruction_set_is_another_machine(monkeypatch):
     capped = calibrate.calibration_key(bb)
     assert capped["machine"].endswith("ONEDNN_MAX_CPU_ISA=AVX2") and capped != plain
     assert store.key_path("calibration", capped) != store.key_path("calibration", plain)
+
+
+def test_a_new_kernels_version_gives_calibrations_a_new_key():
+    bb = wrap_model(tiny_model("qwen2", layers=2))
+    choice = {"(64, 64, False)": ["plain", "left", "left", "plain"]}
+    bb.set_kernel_choice(choice, 3)
+    before = calibrate.calibration_key(bb)
+    bb.set_kernel_choice(choice, kernels.KERNELS_VERSION)
+    assert calibrate.calibration_key(bb)["kernels"] != before["kernels"]
+    bb.set_kernel_choice({}, kernels.KERNELS_VERSION)
+    assert calibrate.calibration_key(bb)["kernels"] == "plain"

@@ -59,9 +59,11 @@ class Backbone:
         later for heads and restricted projections do not change it."""
         return getattr(self, "_kernel_signature", None) or "plain"
 
-    def set_kernel_choice(self, choice: dict) -> None:
+    def set_kernel_choice(self, choice: dict, version: int = 0) -> None:
+        """`version`: kernels.py's KERNELS_VERSION, so that a change in what a kernel's name
+        runs also gives calibrations a new key."""
         self.kernel_choice = dict(choice)
-        text = json.dumps(choice, sort_keys=True)
+        text = json.dumps({"version": version, "choice": choice}, sort_keys=True)
         self._kernel_signature = hashlib.sha256(text.encode()).hexdigest()[:12] if choice else None
 
     @property
