@@ -78,12 +78,8 @@ class FastLinear(torch.nn.Linear):
         return self._one(kind)(x)
 
     def _one(self, kind: str):
-        if kind == "packed":
-            b = None if self.bias is None else self.bias.detach()
-            return lambda x: torch.ops.mkldnn._linear_pointwise(x, self._packed, b, "none", [], "")
-        if kind == "left":
-            return lambda x: left_linear(x, self.weight, self.bias)
-        return lambda x: F.linear(x, self.weight, self.bias)
+        b = None if self.bias is None else self.bias.detach()  # forward sends autograd to F.linear
+        return _kernel_fn(kind, self.weight, b, self._packed)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kernels={'/'.join(self.choice)}"
