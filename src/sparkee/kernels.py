@@ -4,7 +4,7 @@ Decoding one sequence runs every linear layer over 1 row (a step) or a few rows 
 pending positions plus its own). How much a k-row product costs against a 1-row product depends
 on the CPU and the BLAS: on some machines a 2-row GEMM costs twice a GEMV because the library
 repacks the weight on every call, which is what makes SPAR-K's deferred deep fill expensive. So
-for every linear weight shape of the model, and for 1, 2, 4 and 8 rows, sparkee times:
+for every linear weight shape of the model, and for every row count from 1 to 8, sparkee times:
 
 - `plain`: torch.nn.functional.linear (MKL / OpenBLAS);
 - `packed`: oneDNN with the weight packed once for this machine's instruction set
@@ -15,7 +15,9 @@ for every linear weight shape of the model, and for 1, 2, 4 and 8 rows, sparkee 
   cost of 1, where `linear` costs 1.5-1.6x);
 
 in context (cycling through every layer's weight of that shape, so weights come from memory as
-they do in decoding) and keeps the fastest per row count. `FastLinear` replaces the model's
+they do in decoding) and keeps the fastest per row count, where a row count may also run as a
+larger one over zero rows (label `kind@R`: on the EPYC, `left` runs 4 rows faster than 3, and for
+some shapes faster than 1), the padding's own cost measured and added. `FastLinear` replaces the model's
 `nn.Linear` modules (same parameters, so state dicts, tied weights and fingerprints are
 untouched; autograd falls back to the plain product). The choice is cached per machine, shapes,
 dtype and torch version beside the calibration (store.py).
@@ -26,6 +28,7 @@ when measurement says so, the model is computed in float32 instead, with one lin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
@@ -39,9 +42,10 @@ import torch.nn.functional as F
 from . import hf, store
 
 KERNELS = ("plain", "packed", "rowwise", "left")
-MEASURED_ROWS = (1, 2, 4, 8)
-# 2: kinds timed round-robin, a choice must win in both halves; 3: rowwise timed; 4: left
-KERNELS_VERSION = 4
+MEASURED_ROWS = tuple(range(1, 9))  # more rows than the last: that row count's kernel
+# 2: kinds timed round-robin, a choice must win in both halves; 3: rowwise timed; 4: left;
+# 5: every row count 1-8, and a kernel may run over zero rows padded up to a cheaper row count
+KERNELS_VERSION = 5
 WIN = 0.9  # a kernel replaces the plain product only when at least 10% faster
 
 
@@ -49,12 +53,18 @@ def packed_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _bucket(rows: int) -> int:
-    return 0 if rows < 2 else 1 if rows < 4 else 2 if rows < 8 else 3
+def parse_label(label: str) -> tuple[str, int]:
+    """A choice label, "kind" or "kind@R" (run over zero rows padded up to R rows): (kind, R or 0)."""
+    kind, _, to = label.partition("@")
+    if kind not in KERNELS or (to and not (to.isdigit() and int(to) > 1)) or (to and kind == "rowwise"):
+        raise ValueError(f"not a kernel choice: {label!r}")
+    return kind, int(to or 0)
 
 
 class FastLinear(torch.nn.Linear):
-    """An nn.Linear whose product, per number of rows, runs the kernel measured fastest here."""
+    """An nn.Linear whose product, per number of rows, runs the kernel measured fastest here.
+
+    `choice[i]` is the label for i + 1 rows; more rows than the choice has take its last entry."""
 
     def __init__(self, weight: torch.nn.Parameter | torch.Tensor, bias, choice: tuple[str, ...]) -> None:
         torch.nn.Module.__init__(self)
@@ -62,24 +72,24 @@ class FastLinear(torch.nn.Linear):
         self.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, False)
         self.bias = bias
         self.choice = tuple(choice)
+        self._plan = [parse_label(c) for c in self.choice]  # (kind, pad-to rows) per row count
         self._packed = None
-        if "packed" in choice:  # rowwise runs choice[0], which is then in choice too
+        if any(kind == "packed" for kind, _ in self._plan):  # rowwise runs choice[0], in the plan too
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // self.in_features
-        kind = self.choice[_bucket(rows)]
+        rows = max(1, x.numel() // self.in_features)
+        kind, to = self._plan[min(rows, len(self._plan)) - 1]
+        b = None if self.bias is None else self.bias.detach()  # forward sends autograd to F.linear
         if kind == "rowwise" and rows > 1:
             flat = x.reshape(rows, 1, self.in_features)
-            one = self._one(self.choice[0])
-            return torch.cat([one(flat[j]) for j in range(rows)]).reshape(*x.shape[:-1], self.out_features)
-        return self._one(kind)(x)
-
-    def _one(self, kind: str):
-        b = None if self.bias is None else self.bias.detach()  # forward sends autograd to F.linear
-        return _kernel_fn(kind, self.weight, b, self._packed)
+            (k1, to1), w, p = self._plan[0], self.weight, self._packed
+            return torch.cat([run_kernel(k1, flat[j], to1, w, b, p) for j in range(rows)]).reshape(
+                *x.shape[:-1], self.out_features
+            )
+        return run_kernel(kind, x, to, self.weight, b, self._packed)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kernels={'/'.join(self.choice)}"
@@ -94,92 +104,138 @@ def left_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
+def run_kernel(kind: str, x: torch.Tensor, to: int, weight: torch.Tensor, bias, packed) -> torch.Tensor:
+    """One product by `kind`; with `to` > x's rows, over x and zero rows up to `to` rows (some
+    BLAS paths run 4 rows faster than 3), of which x's rows come back. x: (..., in) -> (..., out)."""
+    rows = x.numel() // weight.shape[1]
+    if to > rows:
+        flat = x.reshape(rows, weight.shape[1])
+        y = run_kernel(
+            kind, torch.cat([flat, flat.new_zeros(to - rows, flat.shape[1])]), 0, weight, bias, packed
+        )
+        return y[:rows].view(*x.shape[:-1], weight.shape[0])  # the first rows: still contiguous
+    if kind == "packed":
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if kind == "left":
+        return left_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 # ---------------------------------------------------------------------------------------------
 # measuring
 
 
-def _kernel_fn(kind: str, weight: torch.Tensor, bias, packed):
-    if kind == "packed":
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    if kind == "left":
-        return lambda x: left_linear(x, weight, bias)
-    return lambda x: F.linear(x, weight, bias)
+def _kernel_fn(kind: str, weight: torch.Tensor, bias, packed, to: int = 0):
+    return lambda x: run_kernel(kind, x, to, weight, bias, packed)
 
 
 def measure_shape(
     weights: list[tuple[torch.Tensor, torch.Tensor | None]], repeats: int = 5
 ) -> tuple[str, ...]:
-    """The fastest kernel for 1, 2, 4 and 8 rows over these weights of one shape (timed in turn)."""
+    """The fastest kernel for each of MEASURED_ROWS rows over these weights of one shape (timed in
+    turn), as labels for FastLinear."""
     w0 = weights[0][0]
-    cands = ["plain", "left"] + (["packed"] if packed_available() and w0.device.type == "cpu" else [])
+    packs = [None] * len(weights)
+    if packed_available() and w0.device.type == "cpu":
+        # this build or dtype may have no such kernel
+        with contextlib.suppress(RuntimeError, NotImplementedError):
+            packs = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w, _ in weights]
     fns = {}
-    for kind in cands:
+    for kind in ["plain", "left"] + (["packed"] if packs[0] is not None else []):
         try:
-            fns[kind] = [
-                _kernel_fn(
-                    kind, w, b, torch.ops.mkldnn._reorder_linear_weight(w, 1) if kind == "packed" else None
-                )
-                for w, b in weights
-            ]
+            fns[kind] = [_kernel_fn(kind, w, b, p) for (w, b), p in zip(weights, packs, strict=True)]
             fns[kind][0](torch.zeros(1, 1, w0.shape[1], dtype=w0.dtype, device=w0.device))
-        except (RuntimeError, NotImplementedError):  # this build or dtype has no such kernel
+        except (RuntimeError, NotImplementedError):
             fns.pop(kind, None)
     gen = torch.Generator(device="cpu").manual_seed(0)
     # kinds are timed round-robin, each repeat in turn, so a change of load on the machine hits
     # every kind alike; each half of the repeats keeps its own median, and a kernel must win in
     # both halves (a choice that one half contradicts is noise, and costs 2x where it is wrong)
     halves: dict[str, list[tuple[float, float]]] = {kind: [] for kind in fns}
+    pad: list[tuple[float, float]] = []  # what padding r rows by one row adds to a product
     for r in MEASURED_ROWS:
         x = torch.randn(1, r, w0.shape[1], generator=gen).to(w0.device, w0.dtype)
-        if r == 2:  # rowwise: r 1-row products of the best 1-row kernel, timed as FastLinear runs
+        if r == 2:  # rowwise: r 1-row products of the best 1-row choice, timed as FastLinear runs
             # them (one weight r times in a row, so the later ones find it in cache)
-            best1 = _best(halves, 0)
-            fns["rowwise"] = [_rowwise(f) for f in fns[best1]]
+            kind1, to1 = parse_label(_best(halves, pad, 0))
+            fns["rowwise"] = [
+                _rowwise(_kernel_fn(kind1, w, b, p, to1)) for (w, b), p in zip(weights, packs, strict=True)
+            ]
             halves["rowwise"] = [(math.inf, math.inf)]  # (no 1-row entry)
-        ts: dict[str, list[float]] = {kind: [] for kind in fns}
-        for calls in fns.values():  # warm
+        ts: dict[str, list[float]] = {kind: [] for kind in [*fns, "pad"]}
+        padding = [_pad_only] * len(weights)
+        for calls in [*fns.values(), padding]:  # warm
             for f in calls:
                 f(x)
         for _ in range(2 * repeats):
-            for kind, calls in fns.items():
+            for kind, calls in [*fns.items(), ("pad", padding)]:
                 t0 = time.perf_counter()
                 for f in calls:
                     f(x)
                 ts[kind].append((time.perf_counter() - t0) / len(calls))
         for kind, t in ts.items():
-            halves[kind].append((statistics.median(t[:repeats]), statistics.median(t[repeats:])))
-    return choose_kernels(halves)
+            (pad if kind == "pad" else halves[kind]).append(
+                (statistics.median(t[:repeats]), statistics.median(t[repeats:]))
+            )
+    return choose_kernels(halves, pad)
 
 
 def _rowwise(one):
     return lambda x: torch.cat([one(x[:, j : j + 1]) for j in range(x.shape[1])], dim=1)
 
 
+def _pad_only(x: torch.Tensor) -> torch.Tensor:
+    # what run_kernel adds around a product it pads by one row (the zero rows, the copy, the slice)
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.cat([flat, flat.new_zeros(1, flat.shape[1])])[: flat.shape[0]].view(x.shape)
+
+
 def _pick(opts: dict[str, tuple[float, float]]) -> str:
     # another kernel must beat the plain product clearly, in both halves: a few percent, or a win
-    # one half contradicts, is timing noise
-    plain = opts["plain"]
-    wins = {
-        k: t
-        for k, t in opts.items()
-        if k != "plain" and all(a < WIN * p for a, p in zip(t, plain, strict=True))
-    }
-    return min(wins, key=lambda k: sum(wins[k])) if wins else "plain"
+    # one half contradicts, is timing noise; and a padded one must beat that choice so
+    def beating(ref: str, keep) -> str:
+        wins = {
+            k: t
+            for k, t in opts.items()
+            if k != ref and keep(k) and all(a < WIN * p for a, p in zip(t, opts[ref], strict=True))
+        }
+        return min(wins, key=lambda k: sum(wins[k])) if wins else ref
+
+    unpadded = beating("plain", lambda k: "@" not in k)
+    return beating(unpadded, lambda k: "@" in k)
 
 
-def _best(halves: dict[str, list[tuple[float, float]]], n: int) -> str:
-    return _pick({k: h[n] for k, h in halves.items() if len(h) > n})
+def _options(halves: dict[str, list[tuple[float, float]]], pad: list[tuple[float, float]], n: int) -> dict:
+    """Each way to run MEASURED_ROWS[n] rows and its (first-half, second-half) time: a kernel at
+    that row count, or over zero rows padded up to a later row count (its time there plus the
+    padding's; not rowwise)."""
+    opts = {k: h[n] for k, h in halves.items() if len(h) > n}
+    for m in range(n + 1, len(MEASURED_ROWS)):
+        for k, h in halves.items():
+            if k != "rowwise" and len(h) > m:
+                p = pad[n] if len(pad) > n else (0.0, 0.0)
+                opts[f"{k}@{MEASURED_ROWS[m]}"] = (h[m][0] + p[0], h[m][1] + p[1])
+    return opts
 
 
-def choose_kernels(halves: dict[str, list[tuple[float, float]]]) -> tuple[str, ...]:
-    """The kernel per MEASURED_ROWS entry from each kind's (first-half, second-half) median times.
-    `rowwise` is its measured time when given, else r times the best 1-row kernel's."""
-    best1 = _best(halves, 0)
-    choice = [best1]  # rowwise runs the best 1-row kernel, so it comes first
+def _best(halves: dict[str, list[tuple[float, float]]], pad: list[tuple[float, float]], n: int) -> str:
+    return _pick(_options(halves, pad, n))
+
+
+def choose_kernels(
+    halves: dict[str, list[tuple[float, float]]], pad: list[tuple[float, float]] | None = None
+) -> tuple[str, ...]:
+    """The label per MEASURED_ROWS entry from each kind's (first-half, second-half) median times
+    per row count (`pad`: what padding that row count by one row adds; none: free). `rowwise` is
+    its measured time when given, else r times the best 1-row choice's."""
+    pad = pad or []
+    best1 = _best(halves, pad, 0)
+    t1 = _options(halves, pad, 0)[best1]
+    choice = [best1]  # rowwise runs the best 1-row choice, so it comes first
     for n, r in enumerate(MEASURED_ROWS[1:], 1):
-        opts = {k: h[n] for k, h in halves.items()}
+        opts = _options(halves, pad, n)
         if "rowwise" not in opts:
-            opts["rowwise"] = (r * halves[best1][0][0], r * halves[best1][0][1])
+            opts["rowwise"] = (r * t1[0], r * t1[1])
         choice.append(_pick(opts))
     return tuple(choice)
 
