@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from sparkee import parse_accept
+from sparkee import parse_accept, store
 from sparkee.cli import app
 from sparkee.errors import SparkeeError
 from sparkee.eval.harness import Row, frontier_rows, parse_rows
@@ -104,9 +104,15 @@ def test_calibrate_command_measures_caches_and_prints(qwen_dir, tmp_path, monkey
     assert forced.exit_code == 0 and "measuring decode costs" in forced.output
     # a machine whose speed moved, twice: the measurement is reported and not cached
     monkeypatch.setattr(calibrate, "split_half_drift", lambda series: 0.5)
+    cached = set((tmp_path / "cache" / "calibration").glob("*.json"))
     busy = runner.invoke(app, ["calibrate", "--model", str(qwen_dir), "--force"])
     assert busy.exit_code == 0 and "UNSTEADY" in busy.output and "not cached" in busy.output
-    assert not list((tmp_path / "cache" / "calibration").glob("*.json"))
+    # --force measured the kernels again: a new choice gives a new calibration key, and the file
+    # of the former choice may stay (valid for those kernels); nothing new is written, and the
+    # file of this key is gone
+    assert set((tmp_path / "cache" / "calibration").glob("*.json")) <= cached
+    key = json.loads(runner.invoke(app, ["calibrate", "--model", str(qwen_dir), "--json"]).stdout)["key"]
+    assert not store.key_path("calibration", key).exists()
 
 
 def test_rows_carry_their_acceptance_rule():

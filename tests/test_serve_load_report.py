@@ -52,6 +52,8 @@ def test_ratios_are_taken_within_a_round_and_percentiles_over_all_requests(sl):
             run(S, V, 8, n, 40 * k * (0.9 if n else 1.1), [0.1]),
             run(sl.OURS_TEXT, sl.VERIFIED_TEXT, 1, n, 12 * k * 1.1, [0.05]),  # another server
             run(sl.OURS_TEXT, sl.VERIFIED_TEXT, 8, n, 40 * k * 1.05, [0.1]),
+            run(sl.OURS_ADAPTER, sl.VERIFIED_ADAPTER, 1, n, 12 * k * 1.5, [0.05]),
+            run(sl.OURS_ADAPTER, sl.VERIFIED_ADAPTER, 8, n, 40 * k * 1.25, [0.1]),
         ]
     runs.append(run(B, "full", 8, 3, 3.0, [1.0]))  # a round with no sparkee run at 8: no ratio
     t = sl.targets(runs)["m"]
@@ -65,6 +67,9 @@ def test_ratios_are_taken_within_a_round_and_percentiles_over_all_requests(sl):
         1.05
     )
     assert t["verified_text_gain_kept_within_10pct"]
+    assert t["verified_adapter_gain_c1"] == pytest.approx(1.5)
+    assert t["verified_adapter_gain_c8"] == pytest.approx(1.25)
+    assert not t["verified_adapter_gain_kept_within_10pct"]  # 1.25 < 0.9 * 1.5
     rows = {(r["server"], r["policy"], r["concurrency"]): r for r in sl.aggregate(runs)}
     s8 = rows[(S, "full", 8)]
     assert s8["rounds"] == 3 and s8["requests"] == 6 and s8["throughput_tok_s"] == 40
