@@ -152,7 +152,7 @@ def measure_shape(
     # every kind alike; each half of the repeats keeps its own median, and a kernel must win in
     # both halves (a choice that one half contradicts is noise, and costs 2x where it is wrong)
     halves: dict[str, list[tuple[float, float]]] = {kind: [] for kind in fns}
-    pad: list[tuple[float, float]] = []  # what padding r rows by one row adds to a product
+    pad: list[tuple[float, float]] = []  # what padding r rows by one row adds (r below the last)
     for r in MEASURED_ROWS:
         x = torch.randn(1, r, w0.shape[1], generator=gen).to(w0.device, w0.dtype)
         if r == 2:  # rowwise: r 1-row products of the best 1-row choice, timed as FastLinear runs
@@ -162,13 +162,15 @@ def measure_shape(
                 _rowwise(_kernel_fn(kind1, w, b, p, to1)) for (w, b), p in zip(weights, packs, strict=True)
             ]
             halves["rowwise"] = [(math.inf, math.inf)]  # (no 1-row entry)
-        ts: dict[str, list[float]] = {kind: [] for kind in [*fns, "pad"]}
-        padding = [_pad_only] * len(weights)
-        for calls in [*fns.values(), padding]:  # warm
+        timed = list(fns.items())
+        if r < MEASURED_ROWS[-1]:  # the padding's cost: only a row count below the last is padded
+            timed.append(("pad", [_pad_only] * len(weights)))
+        ts: dict[str, list[float]] = {kind: [] for kind, _ in timed}
+        for _, calls in timed:  # warm
             for f in calls:
                 f(x)
         for _ in range(2 * repeats):
-            for kind, calls in [*fns.items(), ("pad", padding)]:
+            for kind, calls in timed:
                 t0 = time.perf_counter()
                 for f in calls:
                     f(x)
@@ -210,10 +212,10 @@ def _options(halves: dict[str, list[tuple[float, float]]], pad: list[tuple[float
     that row count, or over zero rows padded up to a later row count (its time there plus the
     padding's; not rowwise)."""
     opts = {k: h[n] for k, h in halves.items() if len(h) > n}
+    p = pad[n] if len(pad) > n else (0.0, 0.0)
     for m in range(n + 1, len(MEASURED_ROWS)):
         for k, h in halves.items():
             if k != "rowwise" and len(h) > m:
-                p = pad[n] if len(pad) > n else (0.0, 0.0)
                 opts[f"{k}@{MEASURED_ROWS[m]}"] = (h[m][0] + p[0], h[m][1] + p[1])
     return opts
 
@@ -229,8 +231,9 @@ def choose_kernels(
     per row count (`pad`: what padding that row count by one row adds; none: free). `rowwise` is
     its measured time when given, else r times the best 1-row choice's."""
     pad = pad or []
-    best1 = _best(halves, pad, 0)
-    t1 = _options(halves, pad, 0)[best1]
+    opts1 = _options(halves, pad, 0)
+    best1 = _pick(opts1)
+    t1 = opts1[best1]
     choice = [best1]  # rowwise runs the best 1-row choice, so it comes first
     for n, r in enumerate(MEASURED_ROWS[1:], 1):
         opts = _options(halves, pad, n)
