@@ -425,6 +425,12 @@ def main() -> None:
         default=os.cpu_count() or 1,
         help="torch threads of both servers while a prompt is prefilled (sparkee serve's default: every core)",
     )
+    ap.add_argument(
+        "--prefill-batch",
+        type=int,
+        default=8,
+        help="sparkee serve's --prefill-batch: requests admitted together share a prefill pass (1: each alone)",
+    )
     ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -438,14 +444,17 @@ def main() -> None:
         uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
         return
     conc = [int(c) for c in args.concurrency.split(",")]
-    if args.rounds < 1 or args.requests < 1 or args.min_requests < 1 or min(conc) < 1:
-        raise SystemExit("--rounds, --requests, --min-requests and every --concurrency must be at least 1")
+    if min(args.rounds, args.requests, args.min_requests, args.prefill_batch, *conc) < 1:
+        raise SystemExit(
+            "--rounds, --requests, --min-requests, --prefill-batch and every --concurrency must be at least 1"
+        )
     logs = Path(tempfile.gettempdir()) / "sparkee-serve-load"  # the servers' logs
     logs.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python " + " ".join(sys.argv),
         "machine": machine()
-        | {"server_torch_threads": args.threads, "server_prefill_threads": args.prefill_threads},
+        | {"server_torch_threads": args.threads, "server_prefill_threads": args.prefill_threads}
+        | {"server_prefill_batch": args.prefill_batch},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "runs": [],
     }
@@ -462,7 +471,12 @@ def main() -> None:
                 [sys.executable, "-m", "sparkee.cli", "serve", "--model", m["dir"], "--heads", heads]
                 + ["--max-batch-size", str(max(conc)), "--max-queue", "64", "--max-len", "512"]
                 + ["--no-calibrate", "--threads", str(args.threads)]
-                + ["--prefill-threads", str(args.prefill_threads)],
+                + [
+                    "--prefill-threads",
+                    str(args.prefill_threads),
+                    "--prefill-batch",
+                    str(args.prefill_batch),
+                ],
                 policies,
             )
         procs, cells = [], []  # cells: (server, url, policy, sparkee extension)
@@ -616,14 +630,16 @@ def markdown(report: dict) -> str:
 
 
 NOTES = [
-    "Time to first token under load: every prompt is prefilled alone (so that each row equals its "
-    "prompt decoded alone), about 10 ms for the reference SLM's 38-48-token prompts on one thread "
-    "(8 of them one after another: 87 ms; in one padded pass: 48 ms, which is not bitwise equal to "
-    "prefilling alone: 3e-6 in K/V, left or right padding); closed-loop clients whose answers end "
-    "together come back together, so up to C prefills run before a newcomer's first token. Each "
-    "row's first token is sent as soon as its own prefill ends. A prefill is compute-bound, so the "
-    "last of 8 simultaneous arrivals waits for 8 prefills' work however they are batched, against "
-    "the 2 prefills the 2x target allows.",
+    "Time to first token under load: requests admitted at one step boundary share one padded "
+    "prefill pass (`sparkee serve --prefill-batch`, default 8; until 2026-12-07 10:58 every prompt "
+    "was prefilled alone). `bench/prefill_batch.py` on the 2-thread EPYC (2026-12-07, 2 threads, "
+    "two runs): 8 of the reference SLM's prompts take 64-91 ms in one pass against 157-170 ms one "
+    "after another, one prompt 20 ms; SmolLM2's 472-560 against 865-1180 ms, one 110-175 ms. A prefill is "
+    "compute-bound (SmolLM2's 8-prompt pass runs at 111-132 GFLOP/s), so the last of 8 simultaneous "
+    "arrivals waits for 8 prompts' work however they are batched: 3-4x one prompt's, against the "
+    "2x of the whole time to first token that the target allows. Closed-loop clients start each "
+    "round together, and clients whose answers end together come back together: such bursts set "
+    "the p99.",
     "Client side: each simulated user keeps one httpx client (as the openai client does), made "
     "before the clock starts; a fresh httpx.Client costs 20-30 ms of GIL-bound work, which 8 "
     "threads starting together had turned into about 200 ms of every request's measured TTFT "
@@ -655,8 +671,9 @@ NOTES = [
     "SmolLM2-135M-Instruct (fp32, text only): both servers put each question in the model's chat "
     "template (35-38 prompt tokens; before 2026-12-03 the bare question, 5-8 tokens, which the model "
     "mostly answered with its end token at once, so runs were mostly prefills). A 37-token prefill "
-    "costs about 150 ms on one thread, 2-3 decode steps: prefill is compute-bound, so 8 at once take "
-    "8 times as long and no batching brings the last first token of a burst near 2x the value at 1. "
+    "costs 160-180 ms on one thread, 2-3 decode steps: prefill is compute-bound, so 8 at once take "
+    "3-5 times as long even in one pass, and no batching brings the last first token of a burst near "
+    "2x the value at 1. "
     "The engine alone decodes it at 14.2 tokens/s at batch 1 and 53.5 at batch 8 on one thread "
     "(`bench/batch_speed.py --threads 1`).",
 ]

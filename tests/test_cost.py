@@ -227,6 +227,27 @@ def test_kernel_choice_is_measured_once_and_cached(cache_dir, monkeypatch):
     assert generate(again, PROMPT, cfg).tokens == generate(wrap_model(model), PROMPT, cfg).tokens
 
 
+@pytest.mark.parametrize(
+    "damage", [lambda c: "left@x", lambda c: "lft", lambda c: 3, lambda c: "left@1", lambda c: None]
+)
+def test_a_damaged_kernel_cache_is_measured_again_not_trusted(cache_dir, capsys, damage):
+    model = tiny_model("llama", layers=2)
+    choice = kernels.optimize(wrap_model(copy.deepcopy(model)), progress=False)
+    (path,) = (cache_dir / "kernels").glob("*.json")
+    data = json.loads(path.read_text())
+    gkey = next(iter(data["choice"]))
+    if damage(None) is None:
+        del data["choice"][gkey]  # a group missing
+    else:
+        data["choice"][gkey][0] = damage(None)
+    path.write_text(json.dumps(data))
+    again = kernels.optimize(wrap_model(copy.deepcopy(model)), progress=True)
+    assert "measuring again" in capsys.readouterr().err
+    assert set(again) == set(choice)
+    fixed = json.loads(path.read_text())["choice"]  # rewritten with a choice that reads
+    assert kernels._cached_choice({"choice": fixed}, {k: None for k in fixed}) is not None
+
+
 def test_overhead_fit_is_nonnegative_least_squares():
     # exact data is recovered
     rows = [

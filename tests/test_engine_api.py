@@ -112,3 +112,54 @@ def test_requests_the_engine_cannot_hold_are_refused():
     with pytest.raises(SparkeeError, match="empty"):
         eng.add([], BASE)
     assert eng.free_slots() == 1  # nothing was taken by the refusals
+
+
+def test_prompts_prefilled_together_decode_as_each_alone():
+    """add_many: one padded pass for prompts of different lengths, policies and sampling; each row
+    then streams its solo tokens, also when the batch joins rows already decoding."""
+    eng = Engine(BB, None, BASE, max_batch_size=len(ROWS), max_len=64)
+    first = eng.add(*ROWS[2], tag=2)
+    for _ in range(3):
+        eng.step()
+    picked = [0, 1, 3, 4]
+    plans = [eng.plan_for(len(ROWS[n][0]), ROWS[n][1]) for n in picked]
+    rows = eng.add_many([ROWS[n][0] for n in picked], plans, tags=picked)
+    assert first not in rows and len(set(rows)) == len(picked)
+    streamed: dict[int, list[int]] = {}
+    for ev in eng.drain():
+        streamed.setdefault(eng.tag(ev.row), []).append(ev.token)
+    assert set(streamed) == set(picked)  # every first token is out before the next step
+    while eng.active():
+        for ev in eng.step().events:
+            streamed.setdefault(eng.tag(ev.row), []).append(ev.token)
+    for n in picked:
+        assert streamed[n] == solo(*ROWS[n]).tokens, f"row {n}"
+    assert eng.result(first).tokens == solo(*ROWS[2]).tokens
+
+
+def test_a_padded_prefill_keeps_only_each_prompts_own_positions():
+    prompts = [[5, 9, 11, 12, 13, 14, 15], [3, 4], [8]]
+    eng = Engine(BB, None, BASE, max_batch_size=3, max_len=32)
+    rows = eng.add_many(prompts, [eng.plan_for(len(p)) for p in prompts])
+    cache = eng._run.cache
+    for b, p in zip(rows, prompts, strict=True):
+        assert [lens[b] for lens in cache.lens] == [len(p)] * BB.num_layers  # no padding slot counted
+        with torch.no_grad():
+            ref = hf.dynamic_cache_kv(MODEL(torch.tensor([p]), use_cache=True).past_key_values)
+        for i, (k, v) in enumerate(ref):
+            n = len(p)
+            ck, cv = cache.keys[i][b : b + 1, :, :n], cache.values[i][b : b + 1, :, :n]
+            torch.testing.assert_close(ck, k, atol=1e-5, rtol=0)
+            torch.testing.assert_close(cv, v, atol=1e-5, rtol=0)
+
+
+def test_add_many_refuses_without_taking_a_slot():
+    eng = Engine(BB, None, BASE, max_batch_size=2, max_len=32)
+    plan = eng.plan_for(2)
+    with pytest.raises(SparkeeError, match="full: 0 of 2 rows are in use, 3 asked for"):
+        eng.add_many([[5, 6]] * 3, [plan] * 3)
+    with pytest.raises(SparkeeError, match="outside the vocabulary"):
+        eng.add_many([[5, 6], [5, 10**6]], [plan] * 2)
+    with pytest.raises(SparkeeError, match="one plan"):
+        eng.add_many([[5, 6]], [plan] * 2)
+    assert eng.free_slots() == 2

@@ -113,3 +113,19 @@ def test_pooling_needs_speech_ids_and_a_valid_layer():
         generate(BB, PROMPT, GenerationConfig(max_new_tokens=2, prefill_pool=PoolSpec(0.8, 0.7, 3)))
     with pytest.raises(SparkeeError, match="pooling layer 6 is out of range"):
         generate(BB, PROMPT, cfg(prefill_pool=PoolSpec(0.8, 0.7, 6)))
+
+
+def test_a_pooled_row_prefilled_beside_others_is_prefilled_alone():
+    from sparkee.engine import Engine
+
+    pooled = cfg(speech_policy="spar-k:even:2", prefill_pool=PoolSpec(-1.0, -1.0, 3))
+    plain = cfg(speech_policy="spar-k:even:2")
+    eng = Engine(BB, None, plain, max_batch_size=3, max_len=64)
+    prompts = [PROMPT, PROMPT[:9], PROMPT]
+    cfgs = [plain, plain, pooled]
+    rows = eng.add_many(prompts, [eng.plan_for(len(p), c) for p, c in zip(prompts, cfgs, strict=True)])
+    while eng.active():
+        eng.step()
+    for b, p, c in zip(rows, prompts, cfgs, strict=True):
+        assert eng.result(b).tokens == generate(BB, p, c).tokens
+    assert eng.result(rows[2]).stats["prompt_len_last_layer"] < len(PROMPT)

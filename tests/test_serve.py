@@ -407,6 +407,7 @@ def test_serve_command_refuses_bad_options_in_one_sentence():
     for args, words in (
         (["--speech-policy", "spar-k:zz:4"], "pattern"),
         (["--max-batch-size", "0"], "--max-batch-size"),
+        (["--prefill-batch", "0"], "--prefill-batch"),
         (["--port", "70000"], "--port"),
         (["--accept", "topk:x"], None),
     ):
@@ -425,6 +426,7 @@ def test_serve_help_fits_80_columns():
 
     res = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "80"}, terminal_width=80)
     assert res.exit_code == 0 and "--max-batch-size" in res.output and "--served-model-name" in res.output
+    assert "--prefill-batch" in res.output
     assert "\u2026" not in res.output  # no word cut by rich
 
 
@@ -590,40 +592,82 @@ def test_adapter_heads_serve_verified_rows_that_equal_full_depth():
         r.stop()
 
 
-def test_each_admitted_row_sends_its_first_token_before_the_next_prefill():
-    """Requests admitted together: each one's first token leaves as soon as its own prompt is
-    prefilled, so time to first token in a burst is not every admitted prompt's prefill."""
-    from sparkee.engine import Engine
-    from sparkee.serve.metrics import Metrics
-    from sparkee.serve.worker import Job, Worker
-
-    bb = wrap_model(tiny_model("qwen2", layers=2))
-    engine = Engine(bb, None, GenerationConfig(max_new_tokens=3), max_batch_size=3, calibration=None)
-    worker = Worker(engine, Metrics())
-    log: list[tuple] = []
-    add = engine.add
-
-    def spy_add(prompt, *a, **k):
-        log.append(("prefill", tuple(prompt)))
-        return add(prompt, *a, **k)
-
-    engine.add = spy_add
-    jobs = [Job([3, 4, 5 + i], engine.plan_for(3), loop=None) for i in range(3)]
-    for job in jobs:
-        job.send = lambda item, job=job: log.append((item[0], tuple(job.prompt)))
+def admit_together(worker, jobs, until, what: str) -> None:
+    """Submit `jobs` to a paused worker so that one step boundary admits them all, then run it until
+    `until()` holds."""
     worker.pause()
     worker.start()
     try:
         for job in jobs:
             worker.submit(job)
         worker.pause(False)
-        wait_for(lambda: sum(k == "done" for k, _ in log) == 3, "three answers")
+        wait_for(until, what)
     finally:
         worker.stop(drain_s=5)
-    first = [e for e in log if e[0] in ("prefill", "tokens")][:6]
-    assert first == [
-        e for job in jobs for e in (("prefill", tuple(job.prompt)), ("tokens", tuple(job.prompt)))
-    ]
+
+
+@pytest.mark.parametrize("prefill_batch", [1, 2, 3])
+def test_admitted_rows_are_prefilled_in_groups_and_send_first_tokens_before_the_next(prefill_batch):
+    """Requests admitted together: prefilled `prefill_batch` prompts per pass, and each pass's first
+    tokens leave before the next pass, so time to first token in a burst is not every admitted
+    prompt's prefill; the answers are the rows' own, as decoded alone."""
+    from sparkee.engine import Engine
+    from sparkee.serve.metrics import Metrics
+    from sparkee.serve.worker import Job, Worker
+
+    bb = wrap_model(tiny_model("qwen2", layers=2))
+    cfg = GenerationConfig(max_new_tokens=3)
+    engine = Engine(bb, None, cfg, max_batch_size=3, calibration=None)
+    worker = Worker(engine, Metrics(), prefill_batch=prefill_batch)
+    log: list[tuple] = []
+    add_many = engine.add_many
+
+    def spy_add_many(prompts, *a, **k):
+        log.append(("prefill", tuple(tuple(p) for p in prompts)))
+        return add_many(prompts, *a, **k)
+
+    engine.add_many = spy_add_many
+    jobs = [Job([3, 4, 5 + i, 6][: 2 + i], engine.plan_for(2 + i), loop=None) for i in range(3)]
+    answers: dict[tuple, list[int]] = {}
+    for job in jobs:
+
+        def send(item, job=job):
+            log.append((item[0], tuple(job.prompt)))
+            if item[0] == "tokens":
+                answers.setdefault(tuple(job.prompt), []).extend(e.token for e in item[1])
+
+        job.send = send
+    admit_together(worker, jobs, lambda: sum(k == "done" for k, _ in log) == 3, "three answers")
+    groups = [jobs[k : k + prefill_batch] for k in range(0, 3, prefill_batch)]
+    want = []
+    for g in groups:
+        want.append(("prefill", tuple(tuple(j.prompt) for j in g)))
+        want += [("tokens", tuple(j.prompt)) for j in g]
+    assert [e for e in log if e[0] in ("prefill", "tokens")][: len(want)] == want
+    for job in jobs:
+        assert answers[tuple(job.prompt)] == generate(bb, job.prompt, cfg).tokens
+
+
+def test_a_refused_prompt_in_a_prefill_group_fails_alone():
+    from sparkee.engine import Engine
+    from sparkee.serve.metrics import Metrics
+    from sparkee.serve.worker import Job, Worker
+
+    bb = wrap_model(tiny_model("qwen2", layers=2))
+    cfg = GenerationConfig(max_new_tokens=3)
+    engine = Engine(bb, None, cfg, max_batch_size=3, calibration=None)
+    worker = Worker(engine, Metrics(), prefill_batch=3)
+    prompts = [[3, 4], [5, bb.vocab_size + 7], [6, 7, 8]]  # the middle one: outside the vocabulary
+    jobs = [Job(p, engine.plan_for(len(p)), loop=None) for p in prompts]
+    got: dict[int, list] = {n: [] for n in range(3)}
+    for n, job in enumerate(jobs):
+        job.send = lambda item, n=n: got[n].append(item)
+    outcomes = lambda: all(any(i[0] in ("done", "error") for i in got[n]) for n in got)  # noqa: E731
+    admit_together(worker, jobs, outcomes, "three outcomes")
+    assert [i[:2] for i in got[1]] == [("error", 400)] and "outside the vocabulary" in got[1][0][2]
+    for n in (0, 2):
+        tokens = [e.token for i in got[n] if i[0] == "tokens" for e in i[1]]
+        assert tokens == generate(bb, prompts[n], cfg).tokens
 
 
 def test_prompts_are_prefilled_on_prefill_threads_and_steps_run_on_the_others():
@@ -641,17 +685,17 @@ def test_prompts_are_prefilled_on_prefill_threads_and_steps_run_on_the_others():
     decode = torch.get_num_threads()
     worker = Worker(engine, Metrics(), prefill_threads=decode + 1)
     seen: dict[str, set] = {"prefill": set(), "step": set()}
-    add, step = engine.add, engine.step
+    add_many, step = engine.add_many, engine.step
 
-    def spy_add(*a, **k):
+    def spy_add_many(*a, **k):
         seen["prefill"].add(torch.get_num_threads())
-        return add(*a, **k)
+        return add_many(*a, **k)
 
     def spy_step():
         seen["step"].add(torch.get_num_threads())
         return step()
 
-    engine.add, engine.step = spy_add, spy_step
+    engine.add_many, engine.step = spy_add_many, spy_step
     prompts = [[3, 4, 5], [6, 7, 8, 9]]
     jobs = [Job(p, engine.plan_for(len(p)), loop=None) for p in prompts]
     tokens: dict[int, list] = {0: [], 1: []}

@@ -813,6 +813,12 @@ def serve(
         "--prefill-threads",
         help="torch CPU threads while a prompt is prefilled, a compute-bound pass (default: every core).",
     ),
+    prefill_batch: int = typer.Option(
+        8,
+        "--prefill-batch",
+        help="Requests admitted together are prefilled in one padded pass, this many per pass "
+        "(1: each prompt alone, bitwise as `generate`; a shared pass rounds K/V ~1e-6 apart).",
+    ),
     *,
     decoding: DecodingArgs,
     sampling: SamplingArgs,
@@ -838,6 +844,7 @@ def serve(
     serving._imports()  # the serve extra, before the model loads
     check_at_least(threads, 1, "--threads")
     check_at_least(prefill_threads, 1, "--prefill-threads")
+    check_at_least(prefill_batch, 1, "--prefill-batch")
     import os
 
     import torch
@@ -863,6 +870,7 @@ def serve(
         request_timeout,
         calibrate=not runtime.no_calibrate,
         prefill_threads=prefill_threads,
+        prefill_batch=prefill_batch,
     )
     if host not in serving.LOOPBACK:
         typer.echo(

@@ -6,7 +6,8 @@ driver), one step and its kinds, verification, the batch's layer passes, samplin
 
 The engine owns a fixed number of row slots (`max_batch_size`) and a KV cache preallocated for
 them (`max_len` positions per row). `add` takes a free slot, prefills the prompt alone (as
-`generate_batch` always did) and returns the slot as the row's id; the row's plan (policies,
+`generate_batch` always did) and returns the slot as the row's id (`add_many`: several slots, their
+prompts prefilled in one padded pass, as the server does with a burst); the row's plan (policies,
 sampling, rule, its own max_new_tokens) is its own, so rows of different policies and sampling
 settings share the loop. `step` runs one step of every live row: rows whose steps reach the same
 depth share each layer pass (SPAR-K rows in lock-step run as one batch), rows of other depths
@@ -37,8 +38,8 @@ free, and in verified mode an acceptance rule (accept.py) keeps or replaces each
 the first replacement the row is rolled back (self-speculative decoding). With the `exact` rule
 greedy output equals full-depth greedy output token for token.
 
-Batches: rows are independent sequences (own positions, no padding of prompts: each row is
-prefilled alone). A step groups the rows by how deep they run: layers 1..L run over every row
+Batches: rows are independent sequences (own positions; `add` prefills each row alone, `add_many`
+pads the prompts of one pass, the padding never attended nor kept). A step groups the rows by how deep they run: layers 1..L run over every row
 whose step reaches L, deeper layers over the rows that go on. In the padded format with equal
 prompts the rows are in lock-step; otherwise the step handles a mix. Finished rows stop costing
 compute. Each row samples with its own generator, so its tokens do not depend on its batch-mates.
@@ -195,25 +196,63 @@ class Engine:
         events, or from `drain()`. `seed` defaults to the config's; `tag` is the caller's."""
         _check_prompt(self.bb, prompt)
         plan = plan or self.plan_for(len(prompt), cfg)
+        return self._open([(list(prompt), plan, plan.cfg.seed if seed is _UNSET else seed, tag)])[0]
+
+    def add_many(
+        self, prompts: Sequence[Sequence[int]], plans: Sequence[Plan], tags: Sequence[object] | None = None
+    ) -> list[int]:
+        """Prefill several prompts in one padded pass (each right-padded to the longest; padding is
+        never attended nor kept) and return their slots, in order; each row's seed is its plan's.
+
+        Not bitwise `add` one by one: a pass over several rows rounds differently (its K/V ~1e-6
+        apart), so a row's tokens equal its tokens prefilled alone except at a near-tie of the
+        logits, as a batched decoding step's do. Rows that pool their prompt are prefilled alone.
+        Nothing is added when a prompt is refused or the free slots are too few."""
+        if len(plans) != len(prompts) or (tags is not None and len(tags) != len(prompts)):
+            raise SparkeeError("add_many takes one plan (and one tag, if any) per prompt")
+        for p in prompts:
+            _check_prompt(self.bb, p)
+        tags = tags if tags is not None else [None] * len(prompts)
+        return self._open(
+            [(list(p), plan, plan.cfg.seed, tag) for p, plan, tag in zip(prompts, plans, tags, strict=True)]
+        )
+
+    def _open(self, rows: list[tuple[list[int], Plan, int | None, object]]) -> list[int]:
+        """Open a slot per (prompt, plan, seed, tag), prefill them (together where they can be) and
+        queue their first tokens."""
         run = self._run
         free = [b for b, tr in enumerate(run.traces) if tr is None]
-        if not free:
-            raise SparkeeError(f"the engine is full: {self.max_batch_size} rows are in use")
-        b = free[0]
-        run.open(b, plan, list(prompt), plan.cfg.seed if seed is _UNSET else seed)
-        times = self._times[b] = _RowTimes(tag, time.perf_counter())
+        if len(free) < len(rows):
+            raise SparkeeError(
+                f"the engine is full: {self.max_batch_size - len(free)} of {self.max_batch_size} rows "
+                f"are in use, {len(rows)} asked for"
+            )
+        slots = free[: len(rows)]
+        added = time.perf_counter()
+        for b, (prompt, plan, seed, tag) in zip(slots, rows, strict=True):
+            run.open(b, plan, prompt, seed)
+            self._times[b] = _RowTimes(tag, added)
+        together = [b for b in slots if run.plans[b].cfg.prefill_pool is None]
         try:
             with torch.inference_mode():
-                _prefill(run, b)
+                if together:
+                    _prefill(run, together)
+                for b in slots:
+                    if b not in together:
+                        _prefill(run, [b])
         except BaseException:
-            self.release(b)
+            for b in slots:
+                self.release(b)
             raise
-        times.prefilled = time.perf_counter()
-        # costs below are decode costs; the all-full baseline excludes prefill too
-        times.prefill_meter = run.meters[b].snapshot()
-        run.meters[b].reset()
-        self._outbox.extend(self._confirmed(b, len(run.traces[b].records)))
-        return b
+        done = time.perf_counter()
+        for b in slots:
+            times = self._times[b]
+            times.prefilled = done
+            # costs below are decode costs; the all-full baseline excludes prefill too
+            times.prefill_meter = run.meters[b].snapshot()
+            run.meters[b].reset()
+            self._outbox.extend(self._confirmed(b, len(run.traces[b].records)))
+        return slots
 
     def drain(self) -> list[Emitted]:
         """Events not yet handed out (first tokens of rows added since the last step)."""
@@ -560,21 +599,33 @@ def _unfinished(run: _Run, b: int) -> bool:
     return len(tr.records) < plan.cfg.max_new_tokens and tr.records[-1].token not in plan.stop_ids
 
 
-def _prefill(run: _Run, b: int) -> None:
-    plan, tr = run.plans[b], run.traces[b]
-    bb, P = plan.bb, tr.prompt_len
-    h = bb.embed(torch.tensor([tr.seq], device=bb.device))
-    if plan.cfg.prefill_pool is None:
-        carry = run.run_layers(_Carry([b], h, [0], [P]), range(bb.num_layers), prefill=True)
-    else:
-        carry = _pooled_prefill(run, b, h, plan.cfg.prefill_pool)
-    state = TrackerState()
-    modality = next_modality(plan.cfg.interleave, state)
-    rp = _RowPlan(b, state, modality, plan.policy(modality), "full", bb.num_layers)
+def _prefill(run: _Run, rows: list[int]) -> None:
+    """Prompts of `rows` through every layer (several rows: one pass, right-padded to the longest,
+    the padding after each row's positions, never attended), then each row's first token."""
+    bb = run.plan.bb
+    lens = [run.traces[b].prompt_len for b in rows]
+    ids = torch.zeros(len(rows), max(lens), dtype=torch.long)  # [R, longest prompt]
+    for j, b in enumerate(rows):
+        ids[j, : lens[j]] = torch.tensor(run.traces[b].seq)
+    h = bb.embed(ids.to(bb.device))
+    pool = run.plans[rows[0]].cfg.prefill_pool
+    if pool is None:
+        carry = run.run_layers(_Carry(rows, h, [0] * len(rows), lens), range(bb.num_layers), prefill=True)
+    else:  # one row
+        carry = _pooled_prefill(run, rows[0], h, pool)
+    plans = []
+    for b in rows:
+        state = TrackerState()
+        modality = next_modality(run.plans[b].cfg.interleave, state)
+        plans.append(_RowPlan(b, state, modality, run.plans[b].policy(modality), "full", bb.num_layers))
     full, restricted = run.project(
-        bb.final_norm(carry.last()[:, 0]), [modality == "speech"], [b], plan.cfg.audit_vocab
+        bb.final_norm(carry.last()[:, 0]),
+        [rp.modality == "speech" for rp in plans],
+        rows,
+        run.plan.cfg.audit_vocab,
     )
-    _emit_full(run, rp, full, restricted, 0, filled=0)
+    for j, rp in enumerate(plans):
+        _emit_full(run, rp, full, restricted, j, filled=0)
 
 
 def _pooled_prefill(run: _Run, b: int, h: torch.Tensor, spec: PoolSpec) -> _Carry:

@@ -281,11 +281,15 @@ def optimize(bb, progress: bool = True) -> dict[str, list[str]]:
     groups = _linear_groups(bb)
     key = kernels_key(bb)
     cached = store.read_cached("kernels", key)
-    if cached is not None:
-        choice = {k: tuple(v) for k, v in cached["choice"].items()}
-    else:
+    choice = _cached_choice(cached, groups)
+    if choice is None:
         if progress:
-            print("sparkee: choosing linear kernels for this machine (once)...", file=sys.stderr, flush=True)
+            why = "" if cached is None else " (the cached choice did not read as one; measuring again)"
+            print(
+                f"sparkee: choosing linear kernels for this machine (once){why}...",
+                file=sys.stderr,
+                flush=True,
+            )
         choice = {}
         with torch.inference_mode():
             for gkey, mods in groups.items():
@@ -301,6 +305,27 @@ def optimize(bb, progress: bool = True) -> dict[str, list[str]]:
     bb.refresh_modules()
     bb.set_kernel_choice({k: list(v) for k, v in choice.items()}, KERNELS_VERSION)
     return bb.kernel_choice
+
+
+def _cached_choice(cached: dict | None, groups: dict) -> dict[str, tuple[str, ...]] | None:
+    """The cached choice when it names a label of MEASURED_ROWS row counts for every group of this
+    model; None otherwise (an edited or damaged file is measured again and rewritten, not trusted)."""
+    if cached is None or not isinstance(cached.get("choice"), dict):
+        return None
+    choice = cached["choice"]
+    out = {}
+    for gkey in map(str, groups):
+        labels = choice.get(gkey)
+        if not isinstance(labels, list) or len(labels) != len(MEASURED_ROWS):
+            return None
+        try:
+            pads = [parse_label(label)[1] for label in labels]
+        except (ValueError, TypeError, AttributeError):
+            return None
+        if any(to and to <= rows for to, rows in zip(pads, MEASURED_ROWS, strict=True)):
+            return None  # padding runs over more rows than it has, never fewer
+        out[gkey] = tuple(labels)
+    return out
 
 
 def _maybe_upcast(bb, progress: bool) -> None:

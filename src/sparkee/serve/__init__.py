@@ -51,10 +51,12 @@ def build_server(
     shutdown_drain_s: float = 10.0,
     calibrate: bool = True,
     prefill_threads: int | None = None,
+    prefill_batch: int = 8,
 ):
     """A ready `Server` (engine, worker, metrics, audio) for a loaded model; start it with `run`
     or mount `create_app(server)` in any ASGI server. `prefill_threads`: torch threads while
-    prompts are prefilled (None: torch's current number, that of the decoding steps)."""
+    prompts are prefilled (None: torch's current number, that of the decoding steps);
+    `prefill_batch`: prompts admitted together that share one padded prefill pass (1: each alone)."""
     _imports()
     from ..calibrate import cached_calibration
     from ..engine import Engine
@@ -71,7 +73,9 @@ def build_server(
         cfg = replace(cfg, max_new_tokens=max(1, engine.max_len // 2))
     metrics = Metrics()
     audio = resolve_audio(profile, cfg, vocoder)
-    worker = Worker(engine, metrics, max_queue, audio, prefill_threads=prefill_threads)
+    worker = Worker(
+        engine, metrics, max_queue, audio, prefill_threads=prefill_threads, prefill_batch=prefill_batch
+    )
     return Server(
         engine,
         worker,

@@ -4,8 +4,9 @@ The asyncio side (app.py) never touches torch: it checks a request (its row plan
 engine's own checks), `submit`s a `Job` and reads the job's asyncio queue, where this thread puts
 ("tokens", [Emitted]), ("audio", seq, future), ("done", info) or ("error", status, message) with
 `loop.call_soon_threadsafe`. Between two engine steps the thread aborts cancelled rows, drops rows
-past their deadline and admits waiting jobs into free slots (each prompt prefilled alone), so a
-request joins the running batch at the next step boundary and leaves it when it stops.
+past their deadline and admits waiting jobs into free slots, so a request joins the running batch
+at the next step boundary and leaves it when it stops. Jobs admitted at one boundary (a burst of
+arrivals) are prefilled together, `prefill_batch` prompts per padded pass (1: each alone).
 
 Admission: at most `max_batch_size` rows decode (the engine's slots) and at most `max_queue` jobs
 wait; `submit` raises `Busy` beyond that (HTTP 429).
@@ -68,12 +69,19 @@ class Worker:
         audio: Audio | None = None,
         audio_threads: int = 1,
         prefill_threads: int | None = None,
+        prefill_batch: int = 8,
     ) -> None:
         self.engine, self.metrics, self.max_queue, self.audio = engine, metrics, max_queue, audio
         # torch threads while prompts are prefilled (None: those of the decoding steps): a prefill
         # is one large compute-bound pass that every core speeds up, while a decoding step is many
         # small products whose spinning OpenMP workers would starve the event loop and the vocoder
         self.prefill_threads = prefill_threads
+        # prompts per prefill pass: 8 arrivals prefilled one after another keep the last waiting for
+        # all 8 passes (reference SLM, 2 threads: 157-170 ms), one padded pass takes 64-91 ms
+        # (bench/prefill_batch.py)
+        if prefill_batch < 1:
+            raise SparkeeError(f"prefill_batch must be at least 1, got {prefill_batch}")
+        self.prefill_batch = prefill_batch
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._cancels: list[Job] = []
@@ -187,8 +195,10 @@ class Worker:
         self.metrics.waiting.set(0)
 
     def _admit(self, admit: list[Job]) -> None:
-        """Prefill each admitted job's prompt alone and send its first token at once."""
+        """Prefill the admitted jobs' prompts, `prefill_batch` per pass, and send each pass's first
+        tokens at once."""
         now = time.monotonic()
+        ready = []
         for job in admit:
             if job.cancelled:
                 continue
@@ -196,17 +206,34 @@ class Worker:
                 job.send(("error", 504, "the request's deadline passed while it waited for a row"))
                 self.metrics.requests.labels("error").inc()
                 continue
-            job.started = time.perf_counter()
+            ready.append(job)
+        for k in range(0, len(ready), self.prefill_batch):
+            group = ready[k : k + self.prefill_batch]
+            started = time.perf_counter()
             try:
-                job.row = self.engine.add(job.prompt, plan=job.plan, tag=job)
-            except SparkeeError as e:
-                job.send(("error", 400, str(e)))
-                self.metrics.requests.labels("error").inc()
-                continue
-            self._rows[job.row] = job
-            self.metrics.prompt_tokens.inc(len(job.prompt))
-            # its first token (from the prefill) goes out now, not after the other prefills
+                rows = self.engine.add_many([j.prompt for j in group], [j.plan for j in group], group)
+            except SparkeeError:  # nothing was added: each alone, so only the refused job fails
+                rows = [self._add_alone(j, time.perf_counter()) for j in group]
+            else:
+                for job in group:
+                    job.started = started
+            for job, row in zip(group, rows, strict=True):
+                if row is None:
+                    continue
+                job.row = row
+                self._rows[row] = job
+                self.metrics.prompt_tokens.inc(len(job.prompt))
+            # first tokens (from the prefill) go out now, not after the other prefills
             self._dispatch(self.engine.drain())
+
+    def _add_alone(self, job: Job, started: float) -> int | None:
+        job.started = started
+        try:
+            return self.engine.add(job.prompt, plan=job.plan, tag=job)
+        except SparkeeError as e:
+            job.send(("error", 400, str(e)))
+            self.metrics.requests.labels("error").inc()
+            return None
 
     @contextlib.contextmanager
     def _prefill_threads(self, prefilling: bool):
