@@ -32,9 +32,7 @@ from sparkee.profiles import load_profile  # noqa: E402
 
 def prompts_of(setup: dict, bb) -> list[list[int]]:
     profile = load_profile(setup["dir"], bb=bb)
-    if profile.chat_template:
-        return [profile.encode_dialogue({"turns": []}, text=q) for q in setup["questions"]]
-    return [profile.encode_text(q) for q in setup["questions"]]
+    return [profile.encode_question(q) for q in setup["questions"]]
 
 
 def matrix_params(bb) -> int:

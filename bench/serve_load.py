@@ -128,9 +128,7 @@ def baseline_app(model_dir: str, max_len: int, threads: int, prefill_threads: in
     async def chat(request: Request):
         body = await request.json()
         question = body["messages"][-1]["content"]
-        # the prompt sparkee serve builds for one user message (serve.app.Server.chat_prompt)
-        chat = profile.chat_template
-        ids = profile.encode_dialogue({"turns": []}, text=question) if chat else profile.encode_text(question)
+        ids = profile.encode_question(question)  # the prompt sparkee serve builds for one user message
         max_new = min(int(body.get("max_tokens") or cfg.max_new_tokens), max_len - len(ids) - 1)
         want_audio = "audio" in (body.get("modalities") or []) and audio is not None
 

@@ -137,6 +137,7 @@ def test_a_plain_instruct_model_builds_dialogues_with_its_chat_template(tmp_path
     # no system message: the template's own default (none in this one) is left to the template
     bare = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     assert p.encode_dialogue({"turns": []}, text="hi") == bare["input_ids"]
+    assert p.encode_question("hi") == bare["input_ids"]  # one chat message, as the server builds it
     spoken = {"turns": [{"role": "user", "speech": [1, 2]}, {"role": "assistant", "text": "x"}]}
     with pytest.raises(SparkeeError, match="text turns only"):
         p.encode_dialogue(spoken, text="y")
@@ -149,6 +150,7 @@ def test_a_plain_model_without_a_chat_template_refuses_dialogues(tmp_path):
     d, _ = instruct_dir(tmp_path, template=None)
     p = load_profile(d)
     assert not p.chat_template and p.encode_text("hi")  # a text prompt is still taken as it is
+    assert p.encode_question("hi") == p.encode_text("hi")  # one chat message: its bare text
     with pytest.raises(SparkeeError, match="chat format.*has none"):
         p.encode_dialogue({"turns": []}, text="hi")
     assert not load_profile(bundled_model_dir()).chat_template  # the reference SLM hears units

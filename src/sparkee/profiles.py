@@ -89,6 +89,14 @@ class ModelProfile:
     def _dialogue_encoder(self):
         return self.encode_dialogue if self.chat_template else None
 
+    def encode_question(self, text: str, fmt: str | None = None) -> list[int]:
+        """The prompt of one user message, as `sparkee serve` builds a one-message chat request:
+        through the tokenizer's chat template where there is one (the assistant's turn opened),
+        else `encode_text` (the reference SLM speaks it into units; presets build their chat prompt)."""
+        if self.chat_template:
+            return self.encode_dialogue({"turns": []}, text=text)
+        return self.encode_text(text, fmt)
+
     def encode_dialogue(self, history, text: str | None = None, speech: list[int] | None = None) -> list[int]:
         """Prompt ids of a dialogue history (a file path, a parsed `Dialogue`, or its JSON form)
         followed by a new question (`text` and/or speech codes), in the model's chat format: here

@@ -227,10 +227,10 @@ class Server:
         doc: dict = {"turns": history}
         if system:
             doc["system"] = system[0]
+        if not rest:
+            return self.profile.encode_question(question, fmt)
         if self.profile.chat_template:  # a plain instruct model: every conversation in its template
             return self.profile.encode_dialogue(doc, text=question)
-        if not rest:
-            return self.profile.encode_text(question, fmt)
         if not history and system and not hasattr(self.profile, "preset"):
             # a plain or reference model has no system prompt: the question alone
             return self.profile.encode_text(question, fmt)
