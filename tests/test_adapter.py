@@ -216,3 +216,27 @@ def test_layer_report_scores_an_adapter_over_whole_sequences(tmp_path):
         BB, ExitHeads(BB, "adapter", [2]), prompts, lambda _: GenerationConfig(max_new_tokens=8), tmp_path
     )
     assert untrained["heads"]["2"]["agree_all"] == pytest.approx(untrained["logit_lens"]["3"]["agree_all"])
+
+
+def test_prompts_prefilled_together_with_an_adapter_decode_as_each_alone():
+    """add_many with an adapter: each row's kept layer-L states are its own prompt's (not the
+    padding), so verified decoding equals full depth and the adapter's KV equals one pass."""
+    from sparkee.engine import Engine
+
+    cfg = GenerationConfig(
+        max_new_tokens=20, speech_policy="spar-k:FEEE:2", interleave=Interleave(0, 1), verify=True
+    )
+    prompts = [PROMPT, [4, 6], [8, 9, 10, 12, 13, 14, 15, 2]]
+    eng = Engine(BB, HEADS, cfg, max_batch_size=3, max_len=64)
+    rows = eng.add_many(prompts, [eng.plan_for(len(p)) for p in prompts])
+    while eng.active():
+        eng.step()
+    for b, p in zip(rows, prompts, strict=True):
+        res = eng.result(b)
+        assert res.tokens == generate(BB, p, GenerationConfig(max_new_tokens=20)).tokens
+        n = res.draft_cache.lens[0]
+        assert n > len(p)  # the adapter ran over the prompt and some early steps
+        k_ref, v_ref = adapter_kv_reference(HEADS, 2, res.prompt + res.tokens[:-1])
+        k, v = res.draft_cache.layer_kv(0)
+        torch.testing.assert_close(k, k_ref[:, :, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(v, v_ref[:, :, :n], atol=1e-5, rtol=0)
